@@ -5,7 +5,16 @@ anything else is rejected before any work starts.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 
 class ConfigError(ValueError):
@@ -108,3 +117,229 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# Allowed values of the string-valued choices, checked by `validate`.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.corpus": ("enwik8", "synthetic", "prepared"),
+    "data.tokenizer": ("bytes", "sentencepiece"),
+    "model.family": ("lstm", "transformer"),
+    "model.positions": ("rotary", "learned"),
+    "late_phase.mode": ("plain", "rank1", "late_phase"),
+    "late_phase.schedule": ("sequential", "parallel"),
+    "late_phase.gamma": ("sum", "mean"),
+    "train.optimizer": ("adam", "sgd"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+}
+
+# PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; accept such numbers for float fields.
+_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def _describe(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` as an instance of the annotated type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                pass
+    elif origin is tuple:
+        item_types = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(item_types):
+            return tuple(_coerce(key, v, t) for v, t in zip(value, item_types))
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        # An int stays an int: fields like late_phase.T0 read an int as a step and a float as a fraction.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def config_from_dict(raw: dict[str, Any] | None) -> Config:
+    """Build a Config from nested plain data ({section: {key: value}}), rejecting unknown keys and wrong types.
+
+    Missing keys keep their defaults. Does not run `validate` (values may still be impossible)."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
+    sections = _sections()
+    for name in raw:
+        if name not in sections:
+            raise ConfigError(f"{name}: unknown config section; valid sections: {', '.join(sections)}")
+    built = {}
+    for name, cls in sections.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name}: expected a mapping of keys, got {values!r}")
+        hints = typing.get_type_hints(cls)
+        for key in values:
+            if key not in hints:
+                raise ConfigError(f"{name}.{key}: unknown key; valid keys in [{name}]: {', '.join(hints)}")
+        built[name] = cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()})
+    return Config(**built)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested data (YAML/JSON-safe: tuples become lists) that config_from_dict turns back into `cfg`."""
+    out = dataclasses.asdict(cfg)
+    for section in out.values():
+        for key, value in section.items():
+            if isinstance(value, tuple):
+                section[key] = list(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` → (section, key, value), the value parsed as YAML (so `0.5`, `true`, `null`, `[1, 2]`)."""
+    path, sep, value_text = text.partition("=")
+    section, dot, key = path.strip().partition(".")
+    if not sep or not dot or not section or not key or "." in key:
+        raise ConfigError(f"{path.strip() or text}: an override is section.key=value, e.g. train.max_steps=1000")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"{section}.{key}: cannot parse value {value_text!r} in override {text!r}") from None
+    return section, key, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults ← YAML file (if any) ← `section.key=value` overrides, then `validate`d.
+
+    Raises ConfigError (one line naming the key and the fix) for a missing file, unknown keys,
+    wrong types and impossible values."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"--config {path}: cannot read the file ({e.strerror}); see configs/ for examples") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where is not None else ""
+            raise ConfigError(f"--config {path}: not valid YAML{line}; fix the file's syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of sections (run:, data:, ...) at the top level")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        current = raw.setdefault(section, {})
+        if not isinstance(current, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys in --config {path}")
+        current[key] = value
+    cfg = config_from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def resolve_step(value: int | float, max_steps: int, key: str = "step") -> int:
+    """A step given as an int (a step number) or a float in [0, 1) (a fraction of `max_steps`) → the step number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: expected an int step or a fraction in [0, 1), got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{key}: step {value} is negative; use a step >= 0 or a fraction in [0, 1)")
+        return value
+    if not (0.0 <= value < 1.0) or math.isnan(value):
+        raise ConfigError(f"{key}: {value} is neither an int step nor a fraction in [0, 1); write e.g. 0.5 or 30000")
+    return round(value * max_steps)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config, num_processes: int = 1) -> None:
+    """Reject impossible values with a ConfigError naming the key and the fix.
+
+    `num_processes` is the data-parallel world size the run will use (batch divisibility)."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _require(value in allowed, key, f"{value!r} is not one of {', '.join(allowed)}")
+
+    t, lp, m = cfg.train, cfg.late_phase, cfg.model
+    for key, value in [
+        ("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size), ("train.seq_len", t.seq_len),
+        ("train.grad_accum", t.grad_accum), ("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
+        ("late_phase.K", lp.K), ("swa.every", cfg.swa.every), ("checkpoint.every", cfg.checkpoint.every),
+        ("checkpoint.keep", cfg.checkpoint.keep), ("eval.batch_size", cfg.eval.batch_size),
+        ("eval.context", cfg.eval.context), ("eval.stride", cfg.eval.stride),
+        ("model.embed_dim", m.embed_dim), ("model.hidden_size", m.hidden_size), ("model.num_layers", m.num_layers),
+        ("model.d_model", m.d_model), ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+        ("model.mlp_ratio", m.mlp_ratio), ("model.max_seq_len", m.max_seq_len),
+        ("data.synthetic_bytes", cfg.data.synthetic_bytes), ("data.sp_vocab_size", cfg.data.sp_vocab_size),
+    ]:
+        _require(value >= 1, key, f"must be >= 1, got {value}")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _require(t.eval_bytes is None or t.eval_bytes >= 2, "train.eval_bytes", "must be >= 2 or null (whole split)")
+    for key, value in [("train.lr", t.lr), ("late_phase.lr", lp.lr)]:
+        _require(value is None or (math.isfinite(value) and value > 0), key, f"must be a positive number, got {value}")
+    for key, value in [("train.weight_decay", t.weight_decay), ("late_phase.weight_decay", lp.weight_decay),
+                       ("late_phase.sigma0", lp.sigma0), ("train.grad_clip", t.grad_clip), ("model.dropout", m.dropout)]:
+        _require(value is None or (math.isfinite(value) and value >= 0), key, f"must be >= 0, got {value}")
+    _require(m.dropout < 1, "model.dropout", f"must be < 1, got {m.dropout}")
+    _require(all(0 <= b < 1 for b in t.betas), "train.betas", f"both betas must be in [0, 1), got {list(t.betas)}")
+
+    if lp.mode == "late_phase":
+        T0 = resolve_step(lp.T0, t.max_steps, "late_phase.T0")
+        _require(T0 < t.max_steps, "late_phase.T0",
+                 f"step {T0} is not before the end of training (train.max_steps={t.max_steps}); "
+                 f"lower late_phase.T0 or raise train.max_steps")
+    if cfg.swa.enabled:
+        start = resolve_step(cfg.swa.start, t.max_steps, "swa.start")
+        _require(start < t.max_steps, "swa.start",
+                 f"step {start} is not before the end of training (train.max_steps={t.max_steps}); "
+                 f"lower swa.start or raise train.max_steps")
+
+    shards = num_processes * t.grad_accum
+    _require(t.batch_size % shards == 0, "train.batch_size",
+             f"{t.batch_size} sequences do not split evenly over {num_processes} process(es) x "
+             f"{t.grad_accum} accumulation step(s); use a multiple of {shards}")
+    if lp.mode == "late_phase" and lp.schedule == "parallel":
+        _require(t.batch_size % (shards * lp.K) == 0, "train.batch_size",
+                 f"the parallel schedule needs every micro-batch to hold a multiple of K={lp.K} sequences; "
+                 f"use a multiple of {shards * lp.K} ({num_processes} process(es) x {t.grad_accum} "
+                 f"accumulation step(s) x K)")
+    _require(cfg.eval.batch_size % num_processes == 0, "eval.batch_size",
+             f"{cfg.eval.batch_size} does not split evenly over {num_processes} processes; "
+             f"use a multiple of {num_processes}")
+
+    if m.family == "transformer":
+        _require(m.d_model % m.n_heads == 0, "model.n_heads",
+                 f"d_model={m.d_model} is not divisible by n_heads={m.n_heads}")
+        _require(t.seq_len <= m.max_seq_len, "train.seq_len",
+                 f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower it or raise model.max_seq_len")
+        _require(cfg.eval.context <= m.max_seq_len, "eval.context",
+                 f"{cfg.eval.context} exceeds model.max_seq_len={m.max_seq_len}; lower it or raise model.max_seq_len")
+        _require(cfg.eval.stride <= cfg.eval.context, "eval.stride",
+                 f"{cfg.eval.stride} exceeds eval.context={cfg.eval.context}; bytes would go unscored")
