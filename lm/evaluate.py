@@ -1,0 +1,366 @@
+"""Bits per character of trained models over a whole split (`python -m lm.evaluate`).
+
+This is the one place evaluation log-likelihoods are summed. Every target position of the
+split is scored exactly once, as `data.batches` defines the pass (the first token has no
+context and is never a target): the LSTM as stateful streams, the Transformer by sliding
+windows. Totals are float64 and assembled across processes through Accelerate, so any
+number of processes gives the bpc of one, and bpc itself comes from
+`data.tokenizer.bits_per_byte` (total nats / bytes / ln 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from data.batches import EvalBatch, count_scored, stream_eval_batches, window_eval_batches
+from data.tokenizer import bits_per_byte
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    bpc: float
+    nats: float  # total -log p(target) over every scored target, float64
+    n_bytes: int  # original bytes the scored targets stand for
+    n_targets: int  # scored target tokens (== n_bytes for the byte tokenizer)
+
+
+class EvalError(Exception):
+    """A problem with the evaluation request, reported as one line naming the fix."""
+
+
+def evaluate_bpc(
+    model: nn.Module,
+    data: np.ndarray,
+    *,
+    family: str,
+    member: int | str = 0,
+    batch_size: int,
+    seq_len: int | None = None,
+    context: int | None = None,
+    stride: int | None = None,
+    byte_lengths: np.ndarray | None = None,
+    accelerator=None,
+    max_tokens: int | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Score every target of `data` (token ids) once and return the bits per byte.
+
+    `member`: an int evaluates that member (0 for plain models); "ensemble" averages the
+    members' probabilities (not their logits). `family` "lstm" streams `batch_size` states
+    through windows of `seq_len`; "transformer" scores sliding windows of `context` tokens
+    that advance by `stride`. `byte_lengths[token]` is the number of bytes a token stands for
+    (None: one byte each). With an `accelerator`, this process scores its share of the split
+    and the returned totals are those of the whole split, identical on every process.
+    """
+    rank, world_size = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    if accelerator is not None:
+        # DDP's forward may broadcast buffers (a collective): processes score different numbers
+        # of batches, so evaluate the bare module. The mixed-precision wrapper is kept.
+        model = accelerator.unwrap_model(model)
+    device = next(model.parameters()).device
+    batches = _eval_batches(data, family, batch_size, seq_len, context, stride, rank, world_size, max_tokens)
+    token_bytes = None if byte_lengths is None else torch.as_tensor(np.asarray(byte_lengths), dtype=torch.int64, device=device)
+
+    n_tokens = len(data) if max_tokens is None else min(len(data), max_tokens)
+    bar = tqdm(
+        total=count_scored(n_tokens) // world_size,
+        desc=f"eval {member}",
+        unit="tok",
+        unit_scale=True,
+        disable=not progress or rank != 0,
+        leave=False,
+    )
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, bytes, targets
+    was_training = model.training
+    model.eval()
+    state = None
+    try:
+        # no_grad rather than inference_mode: a model may cache tensors (e.g. rotary tables)
+        # during evaluation that training later needs for autograd.
+        with torch.no_grad():
+            for batch in batches:
+                if batch.reset:
+                    state = None
+                inputs, targets, mask = (t.to(device, non_blocking=True) for t in batch[:3])
+                nll, state = _target_nats(model, inputs, targets, state, member)
+                n_scored = mask.sum()
+                totals[0] += torch.where(mask, nll.double(), 0.0).sum()
+                totals[1] += n_scored if token_bytes is None else torch.where(mask, token_bytes[targets], 0).sum()
+                totals[2] += n_scored
+                if not bar.disable:
+                    bar.update(int(n_scored))
+    finally:
+        model.train(was_training)
+        bar.close()
+
+    if accelerator is not None and world_size > 1:
+        # Our eval iterators are not Accelerate dataloaders, so gather_for_metrics drops no
+        # rows here: each process contributes exactly its own totals.
+        totals = accelerator.gather_for_metrics(totals.unsqueeze(0)).sum(dim=0)
+    nats, n_bytes, n_targets = totals.tolist()
+    n_bytes, n_targets = int(n_bytes), int(n_targets)
+    if n_targets == 0:
+        raise EvalError("nothing to score: the split has fewer than 2 tokens; use a larger split or --max-bytes")
+    return EvalResult(bpc=bits_per_byte(nats, n_bytes), nats=nats, n_bytes=n_bytes, n_targets=n_targets)
+
+
+def _eval_batches(data, family, batch_size, seq_len, context, stride, rank, world_size, max_tokens) -> Iterator[EvalBatch]:
+    if family == "lstm":
+        if seq_len is None:
+            raise ValueError("evaluate_bpc: family 'lstm' needs seq_len")
+        return stream_eval_batches(data, batch_size, seq_len, rank=rank, world_size=world_size, max_tokens=max_tokens)
+    if family == "transformer":
+        if context is None or stride is None:
+            raise ValueError("evaluate_bpc: family 'transformer' needs context and stride")
+        return window_eval_batches(
+            data, batch_size, context, stride, rank=rank, world_size=world_size, max_tokens=max_tokens
+        )
+    raise ValueError(f"evaluate_bpc: unknown family {family!r}; use 'lstm' or 'transformer'")
+
+
+def _target_nats(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, state, member: int | str):
+    """-log p(target) at every position (float32, (B, T)) and the model's next state."""
+    if member == "ensemble":
+        from lm.late_phase import ensemble_log_probs  # only ensembles need late-phase code
+
+        logits_all, state = model(inputs, state=state, member="all")
+        log_probs = ensemble_log_probs(logits_all.float())
+    elif isinstance(member, int):
+        logits, state = model(inputs, state=state, member=member)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+    else:
+        raise ValueError(f"evaluate_bpc: member must be an int or 'ensemble', got {member!r}")
+    return -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), state
+
+
+# --------------------------------------------------------------------------- CLI
+
+MODEL_KINDS = ("averaged", "ensemble", "members", "swa")
+DEFAULT_KINDS = ("averaged", "ensemble", "swa")  # members: K more passes, on request
+
+
+@dataclass
+class ModelSource:
+    """What a directory offers to evaluate: its config and where each model kind lives."""
+
+    cfg: object  # lm.config.Config
+    exported: dict[str, Path]  # kind -> exported plain-model directory (config.json + model.safetensors)
+    members: Path | None  # the late-phase model with all members (final/members.safetensors)
+
+
+def find_models(path: Path) -> ModelSource:
+    """Read a run directory (OUT/ with final/) or one exported model directory."""
+    from lm.config import config_from_dict, load_config
+
+    if not path.is_dir():
+        raise EvalError(f"{path} is not a directory: pass --run OUT (a training run) or an exported model directory")
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        kind = path.name if path.name in ("averaged", "swa") else "averaged"
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError:
+            raise EvalError(f"{path / 'config.json'} is not valid JSON: re-export the model") from None
+        return ModelSource(config_from_dict(raw), {kind: path}, None)
+    root = path.parent if path.name == "final" and not (path / "final").is_dir() else path
+    final = root / "final"
+    if not final.is_dir():
+        raise EvalError(
+            f"{path} has no final/ directory and no config.json + model.safetensors: "
+            "pass a finished run's out_dir or an exported model directory"
+        )
+    if not (root / "config.yaml").is_file():
+        raise EvalError(f"{root} has final/ but no config.yaml: pass the run's out_dir (the directory train_lm.py wrote)")
+    exported = {
+        kind: final / kind for kind in ("averaged", "swa") if (final / kind / "model.safetensors").is_file()
+    }
+    members = final / "members.safetensors"
+    return ModelSource(load_config(str(root / "config.yaml"), []), exported, members if members.is_file() else None)
+
+
+def _available_kinds(source: ModelSource) -> list[str]:
+    kinds = list(source.exported)
+    if source.members is not None:
+        kinds += ["ensemble", "members"]
+    return kinds
+
+
+def _load_members(source: ModelSource) -> nn.Module:
+    from safetensors.torch import load_model
+
+    from lm.models import build_model
+
+    model = build_model(source.cfg.model, source.cfg.late_phase)
+    load_model(model, str(source.members))
+    return model
+
+
+def _token_limit(data: np.ndarray, byte_lengths: np.ndarray, max_bytes: int | None) -> int | None:
+    """How many leading tokens of `data` fit in `max_bytes` bytes (every token is >= 1 byte)."""
+    if max_bytes is None:
+        return None
+    spans = np.cumsum(np.asarray(byte_lengths)[np.asarray(data[:max_bytes])], dtype=np.int64)
+    return int(np.searchsorted(spans, max_bytes, side="right"))
+
+
+def evaluate_run(
+    path: Path,
+    *,
+    split: str = "valid",
+    kinds: list[str] | None = None,
+    max_bytes: int | None = None,
+    data_dir: str | None = None,
+    batch_size: int | None = None,
+    context: int | None = None,
+    stride: int | None = None,
+    accelerator=None,
+    progress: bool = False,
+) -> tuple[dict[str, EvalResult], list[str]]:
+    """Evaluate the requested model kinds of `path` on `split`: (results by row name, notes).
+
+    `kinds` None means every default kind the directory has (unavailable ones become notes);
+    an explicitly requested kind that the directory lacks is an error.
+    """
+    from data.tokenizer import load_split, load_tokenizer
+
+    source = find_models(path)
+    available = _available_kinds(source)
+    notes: list[str] = []
+    if kinds is None:
+        wanted = [k for k in DEFAULT_KINDS if k in available]
+        notes += [f"no {k} model in {path}; skipped" for k in DEFAULT_KINDS if k not in available]
+    else:
+        for kind in kinds:
+            if kind not in MODEL_KINDS:
+                raise EvalError(f"unknown model kind {kind!r} in --models; choose from {','.join(MODEL_KINDS)}")
+            if kind not in available:
+                raise EvalError(
+                    f"--models {kind}: {path} has no {kind} model (it has: {','.join(available) or 'none'})"
+                )
+        wanted = list(kinds)
+    if max_bytes is not None and max_bytes < 2:
+        raise EvalError(f"--max-bytes {max_bytes}: need at least 2 bytes (the first byte is never scored)")
+
+    cfg = source.cfg
+    data_path = Path(data_dir if data_dir is not None else cfg.data.dir)
+    if not (data_path / f"{split}.bin").is_file():
+        raise EvalError(
+            f"no {split}.bin in data directory {data_path}: pass --data-dir DIR with the run's prepared splits"
+        )
+    tokenizer = load_tokenizer(data_path, cfg.data.tokenizer, cfg.data.sp_vocab_size)
+    data = load_split(data_path, split, tokenizer)
+    geometry = dict(
+        family=cfg.model.family,
+        batch_size=batch_size or cfg.eval.batch_size,
+        seq_len=cfg.train.seq_len,
+        context=context or cfg.eval.context,
+        stride=stride or cfg.eval.stride,
+        byte_lengths=tokenizer.byte_lengths,
+        max_tokens=_token_limit(data, tokenizer.byte_lengths, max_bytes),
+        accelerator=accelerator,
+        progress=progress,
+    )
+    world_size = 1 if accelerator is None else accelerator.num_processes
+    if geometry["batch_size"] % world_size:
+        raise EvalError(
+            f"eval batch size {geometry['batch_size']} is not divisible by {world_size} processes: "
+            "pass --batch-size with a multiple of the process count"
+        )
+    device = torch.device("cpu") if accelerator is None else accelerator.device
+
+    results: dict[str, EvalResult] = {}
+    for kind in wanted:
+        if kind in source.exported:
+            from lm.models import load_exported
+
+            model = load_exported(source.exported[kind]).to(device)
+            results[kind] = evaluate_bpc(model, data, member=0, **geometry)
+        else:
+            from lm.late_phase import num_members
+
+            model = _load_members(source).to(device)
+            if kind == "ensemble":
+                results[kind] = evaluate_bpc(model, data, member="ensemble", **geometry)
+            else:
+                for k in range(num_members(model)):
+                    results[f"member_{k}"] = evaluate_bpc(model, data, member=k, **geometry)
+    return results, notes
+
+
+def format_table(results: dict[str, EvalResult]) -> str:
+    width = max(len("model"), *(len(name) for name in results))
+    lines = [f"{'model':<{width}}  {'bpc':>8}  {'bytes scored':>14}"]
+    lines += [f"{name:<{width}}  {r.bpc:8.4f}  {r.n_bytes:>14,}" for name, r in results.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lm.evaluate",
+        description="Bits per character of a trained run's models over a whole split (every byte scored once, "
+        "except the first, which has no context). Runs under accelerate launch / torchrun too.",
+    )
+    parser.add_argument("--run", required=True, type=Path, help="run out_dir (with final/) or an exported model dir")
+    parser.add_argument("--split", default="valid", choices=("valid", "test"), help="split to score (default valid)")
+    parser.add_argument(
+        "--models",
+        default=None,
+        help=f"comma-separated kinds from {','.join(MODEL_KINDS)} (default: those of "
+        f"{','.join(DEFAULT_KINDS)} that the run has; members = each member separately)",
+    )
+    parser.add_argument("--max-bytes", type=int, default=None, help="score only the first N bytes of the split")
+    parser.add_argument("--data-dir", default=None, help="prepared data directory (default: the run's data.dir)")
+    parser.add_argument("--batch-size", type=int, default=None, help="streams/windows per batch (default eval.batch_size)")
+    parser.add_argument("--context", type=int, default=None, help="Transformer window length (default eval.context)")
+    parser.add_argument("--stride", type=int, default=None, help="Transformer window stride (default eval.stride)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+
+    from accelerate import Accelerator
+
+    from data.prepare import DataError
+    from lm.config import ConfigError
+
+    accelerator = Accelerator()
+    try:
+        kinds = None if args.models is None else [k.strip() for k in args.models.split(",") if k.strip()]
+        results, notes = evaluate_run(
+            args.run,
+            split=args.split,
+            kinds=kinds,
+            max_bytes=args.max_bytes,
+            data_dir=args.data_dir,
+            batch_size=args.batch_size,
+            context=args.context,
+            stride=args.stride,
+            accelerator=accelerator,
+            progress=True,
+        )
+    except (EvalError, ConfigError, DataError) as e:
+        if accelerator.is_main_process:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not accelerator.is_main_process:
+        return 0
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"run": str(args.run), "split": args.split,
+                          "results": {name: asdict(r) for name, r in results.items()}}, indent=2))
+    else:
+        n_bytes = next(iter(results.values())).n_bytes if results else 0
+        print(f"{args.split} split: {n_bytes:,} bytes scored (every byte but the first, which has no context)")
+        print(format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

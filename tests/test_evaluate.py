@@ -1,0 +1,280 @@
+"""lm.evaluate: coverage, exact totals against float64 references, ensembles, processes, CLI.
+
+The core tests use small stand-in models that follow the model forward contract
+(`model(inputs, state=None, member=0) -> (logits, state)`, member="all" -> (K, B, T, V)),
+so evaluation is checked independently of lm.models.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from data.batches import stream_eval_batches, window_eval_batches
+from lm.evaluate import EvalResult, evaluate_bpc
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class TinyLSTM(nn.Module):
+    """K members, each with its own recurrent cell, so per-member state really matters."""
+
+    def __init__(self, vocab: int, members: int = 1, dim: int = 12):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.cells = nn.ModuleList(nn.LSTM(dim, dim, batch_first=True) for _ in range(members))
+        self.head = nn.Linear(dim, vocab)
+        self.modes_seen: set[bool] = set()
+
+    def forward(self, inputs, state=None, member=0):
+        self.modes_seen.add(self.training)
+        if member == "all":
+            runs = [self.forward(inputs, None if state is None else state[k], k) for k in range(len(self.cells))]
+            return torch.stack([logits for logits, _ in runs]), [s for _, s in runs]
+        out, state = self.cells[member](self.embed(inputs), state)
+        return self.head(out), state
+
+
+class TinyCausal(nn.Module):
+    """One causal attention layer with learned positions: each window's context changes the output."""
+
+    def __init__(self, vocab: int, members: int = 1, dim: int = 12, max_len: int = 64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(max_len, dim))
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.heads = nn.ModuleList(nn.Linear(dim, vocab) for _ in range(members))
+
+    def forward(self, inputs, state=None, member=0):
+        T = inputs.shape[1]
+        x = self.embed(inputs) + self.pos[:T]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])
+        causal = torch.ones(T, T, dtype=torch.bool, device=inputs.device).tril()
+        h = x + torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1) @ v
+        if member == "all":
+            return torch.stack([head(h) for head in self.heads]), None
+        return self.heads[member](h), None
+
+
+def unique_tokens(n: int, vocab: int, seed: int) -> np.ndarray:
+    """A split whose token values are all different, so a value tells its position."""
+    return np.random.default_rng(seed).permutation(vocab)[:n].astype(np.uint16)
+
+
+def float64_nats(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, member) -> torch.Tensor:
+    """-log p(target) per position, from a float64 copy of the model on one sequence (1, T)."""
+    ref = copy.deepcopy(model).double()
+    if member == "ensemble":
+        logits, _ = ref(inputs, member="all")
+        log_p = torch.logsumexp(torch.log_softmax(logits, -1), dim=0) - math.log(logits.shape[0])
+    else:
+        logits, _ = ref(inputs, member=member)
+        log_p = torch.log_softmax(logits, -1)
+    return -log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def scored_positions(batches, data: np.ndarray):
+    """(target position, context length in the row) of every scored target; checks each row's inputs
+    are the contiguous tokens before its targets."""
+    where = {int(v): i for i, v in enumerate(data)}
+    seen = []
+    for b in batches:
+        for row in range(b.inputs.shape[0]):
+            cols = torch.nonzero(b.mask[row]).flatten().tolist()
+            if not cols:
+                continue
+            start = where[int(b.inputs[row, 0])]
+            span = cols[-1] + 1
+            assert b.inputs[row, :span].tolist() == data[start : start + span].tolist()
+            assert b.targets[row, :span].tolist() == data[start + 1 : start + 1 + span].tolist()
+            seen += [(start + 1 + c, c + 1) for c in cols]
+    return seen
+
+
+@pytest.mark.parametrize("n", [997, 50, 6])
+def test_lstm_streams_score_every_target_once(n):
+    data = unique_tokens(n, 1000, seed=n)
+    positions = [p for p, _ in scored_positions(stream_eval_batches(data, 4, 16), data)]
+    assert sorted(positions) == list(range(1, n))
+    result = evaluate_bpc(TinyLSTM(1000), data, family="lstm", batch_size=4, seq_len=16)
+    assert result.n_targets == result.n_bytes == n - 1
+
+
+@pytest.mark.parametrize("n,context,stride", [(997, 16, 5), (203, 16, 16), (9, 16, 4)])
+def test_transformer_windows_score_every_target_once_with_context(n, context, stride):
+    data = unique_tokens(n, 1000, seed=n)
+    seen = scored_positions(window_eval_batches(data, 3, context, stride), data)
+    assert sorted(p for p, _ in seen) == list(range(1, n))
+    # Past the first window every target sees at least context - stride + 1 tokens.
+    assert all(ctx >= min(p, context - stride + 1) for p, ctx in seen)
+    result = evaluate_bpc(TinyCausal(1000), data, family="transformer", batch_size=3, context=context, stride=stride)
+    assert result.n_targets == result.n_bytes == n - 1
+
+
+def test_byte_split_counts_every_byte_but_the_first():
+    data = np.random.default_rng(1).integers(0, 256, size=1234, dtype=np.uint8)
+    result = evaluate_bpc(TinyLSTM(256), data, family="lstm", batch_size=5, seq_len=32)
+    assert result.n_bytes == result.n_targets == 1233
+    assert result.bpc == pytest.approx(result.nats / 1233 / math.log(2), rel=1e-12)
+
+
+def test_lstm_single_stream_equals_one_full_pass_in_float64():
+    torch.manual_seed(0)
+    data = np.random.default_rng(2).integers(0, 256, size=701, dtype=np.uint8)
+    model = TinyLSTM(256)
+    result = evaluate_bpc(model, data, family="lstm", batch_size=1, seq_len=37)
+    seq = torch.from_numpy(data.astype(np.int64))
+    nats = float64_nats(model, seq[None, :-1], seq[None, 1:], member=0).sum().item()
+    assert result.nats == pytest.approx(nats, rel=1e-6)
+    assert result.bpc == pytest.approx(nats / 700 / math.log(2), rel=1e-6)
+
+
+def test_lstm_streams_carry_state_like_independent_full_passes():
+    torch.manual_seed(1)
+    data = unique_tokens(611, 1000, seed=3)
+    model = TinyLSTM(1000)
+    where = {int(v): i for i, v in enumerate(data)}
+    streams: dict[int, list[int]] = {}  # row -> scored target positions, in order
+    for b in stream_eval_batches(data, 4, 16):
+        for row in range(4):
+            cols = torch.nonzero(b.mask[row]).flatten().tolist()
+            streams.setdefault(row, []).extend(where[int(b.targets[row, c])] for c in cols)
+    seq = torch.from_numpy(data.astype(np.int64))
+    reference = 0.0
+    for positions in streams.values():
+        if positions:
+            first, last = positions[0], positions[-1]
+            assert positions == list(range(first, last + 1))  # a stream is one contiguous piece
+            reference += float64_nats(model, seq[None, first - 1 : last], seq[None, first : last + 1], 0).sum().item()
+    result = evaluate_bpc(model, data, family="lstm", batch_size=4, seq_len=16)
+    assert result.nats == pytest.approx(reference, rel=1e-6)
+
+
+def test_transformer_equals_float64_on_the_same_windows():
+    torch.manual_seed(2)
+    data = np.random.default_rng(4).integers(0, 256, size=517, dtype=np.uint8)
+    model = TinyCausal(256)
+    reference = 0.0
+    for b in window_eval_batches(data, 3, 24, 7):
+        for row in range(b.inputs.shape[0]):
+            if b.mask[row].any():
+                nats = float64_nats(model, b.inputs[row : row + 1], b.targets[row : row + 1], 0)[0]
+                reference += nats[b.mask[row]].sum().item()
+    result = evaluate_bpc(model, data, family="transformer", batch_size=3, context=24, stride=7)
+    assert result.n_bytes == 516
+    assert result.nats == pytest.approx(reference, rel=1e-6)
+    assert result.bpc == pytest.approx(reference / 516 / math.log(2), rel=1e-6)
+
+
+def test_ensemble_is_log_of_mean_member_probabilities():
+    torch.manual_seed(3)
+    data = np.random.default_rng(5).integers(0, 256, size=300, dtype=np.uint8)
+    model = TinyLSTM(256, members=3)
+    seq = torch.from_numpy(data.astype(np.int64))
+    ref = copy.deepcopy(model).double()
+    probs = torch.stack([torch.softmax(ref(seq[None, :-1], member=k)[0], -1) for k in range(3)])
+    picked = probs.mean(0).gather(-1, seq[None, 1:, None]).squeeze(-1)  # mean of probabilities, by hand
+    reference = -torch.log(picked).sum().item()
+    ensemble = evaluate_bpc(model, data, family="lstm", member="ensemble", batch_size=1, seq_len=29)
+    assert ensemble.nats == pytest.approx(reference, rel=1e-6)
+    members = [evaluate_bpc(model, data, family="lstm", member=k, batch_size=1, seq_len=29) for k in range(3)]
+    # Jensen: the ensemble beats the members' mean log-likelihood, so averaging logs would be caught.
+    assert ensemble.nats < sum(m.nats for m in members) / 3 - 1e-3
+    for k, m in enumerate(members):
+        assert m.nats == pytest.approx(float64_nats(model, seq[None, :-1], seq[None, 1:], k).sum().item(), rel=1e-6)
+
+
+def test_transformer_ensemble_matches_reference_on_windows():
+    torch.manual_seed(4)
+    data = np.random.default_rng(6).integers(0, 256, size=200, dtype=np.uint8)
+    model = TinyCausal(256, members=2)
+    reference = 0.0
+    for b in window_eval_batches(data, 2, 16, 6):
+        for row in range(b.inputs.shape[0]):
+            nats = float64_nats(model, b.inputs[row : row + 1], b.targets[row : row + 1], "ensemble")[0]
+            reference += nats[b.mask[row]].sum().item()
+    result = evaluate_bpc(model, data, family="transformer", member="ensemble", batch_size=2, context=16, stride=6)
+    assert result.nats == pytest.approx(reference, rel=1e-6)
+
+
+def test_byte_lengths_weight_tokens_and_max_tokens_truncates():
+    torch.manual_seed(5)
+    rng = np.random.default_rng(7)
+    data = rng.integers(0, 300, size=400).astype(np.uint16)
+    lengths = rng.integers(1, 5, size=300).astype(np.int64)
+    model = TinyLSTM(300)
+    result = evaluate_bpc(model, data, family="lstm", batch_size=2, seq_len=20, byte_lengths=lengths)
+    assert result.n_targets == 399
+    assert result.n_bytes == int(lengths[data[1:]].sum())
+    assert result.bpc == pytest.approx(result.nats / result.n_bytes / math.log(2), rel=1e-12)
+    head = evaluate_bpc(model, data, family="lstm", batch_size=2, seq_len=20, byte_lengths=lengths, max_tokens=150)
+    assert head.n_targets == 149 and head.n_bytes == int(lengths[data[1:150]].sum())
+
+
+def test_evaluation_runs_in_eval_mode_and_restores_train_mode():
+    model = TinyLSTM(256)
+    model.train()
+    data = np.random.default_rng(8).integers(0, 256, size=100, dtype=np.uint8)
+    evaluate_bpc(model, data, family="lstm", batch_size=2, seq_len=8)
+    assert model.modes_seen == {False} and model.training
+    model.eval()
+    evaluate_bpc(model, data, family="lstm", batch_size=2, seq_len=8)
+    assert not model.training
+
+
+DISTRIBUTED_SCRIPT = """
+import json, sys
+import numpy as np, torch
+from accelerate import Accelerator
+from lm.evaluate import evaluate_bpc
+from tests.test_evaluate import TinyCausal, TinyLSTM, distributed_cases
+
+accelerator = Accelerator(cpu=True)
+out = {name: evaluate_bpc(model, data, accelerator=accelerator, **kw).__dict__ for name, (model, data, kw) in distributed_cases().items()}
+if accelerator.is_main_process:
+    json.dump({"world": accelerator.num_processes, "results": out}, open(sys.argv[1], "w"))
+"""
+
+
+def distributed_cases():
+    torch.manual_seed(6)
+    rng = np.random.default_rng(9)
+    lstm, causal = TinyLSTM(256, members=3), TinyCausal(256, members=2)
+    text = rng.integers(0, 256, size=1501, dtype=np.uint8)
+    lengths = rng.integers(1, 4, size=256).astype(np.int64)
+    return {
+        "lstm_member": (lstm, text, dict(family="lstm", member=1, batch_size=4, seq_len=33)),
+        "lstm_ensemble": (lstm, text, dict(family="lstm", member="ensemble", batch_size=6, seq_len=20)),
+        "transformer": (causal, text, dict(family="transformer", member=0, batch_size=4, context=20, stride=7,
+                                           byte_lengths=lengths)),
+        "transformer_ensemble": (causal, text[:333], dict(family="transformer", member="ensemble", batch_size=2,
+                                                          context=20, stride=9)),
+    }
+
+
+def test_two_processes_give_the_same_totals_as_one(tmp_path):
+    script = tmp_path / "distributed_eval.py"
+    script.write_text(DISTRIBUTED_SCRIPT)
+    out = tmp_path / "results.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["world"] == 2
+    for name, (model, data, kw) in distributed_cases().items():
+        single = evaluate_bpc(model, data, **kw)
+        multi = EvalResult(**report["results"][name])
+        assert (multi.n_bytes, multi.n_targets) == (single.n_bytes, single.n_targets), name
+        assert multi.bpc == pytest.approx(single.bpc, abs=1e-6), name
