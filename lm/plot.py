@@ -1,0 +1,123 @@
+"""Training curves of a run (`python -m lm.plot --run OUT`).
+
+Reads OUT/metrics.jsonl and OUT/config.yaml and draws train bpc and the valid bpc of every
+model kind against the step, with the late-phase switch (T0) and the start of SWA marked.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from lm.config import Config, ConfigError, load_config, resolve_step  # noqa: E402
+
+
+class PlotError(Exception):
+    """A problem with the run directory, reported as one line naming the fix."""
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl file; a torn last line (run still writing) is skipped."""
+    if not path.is_file():
+        raise PlotError(f"no {path.name} in {path.parent}: pass --run with a training run's out_dir")
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise PlotError(f"{path}:{number} is not JSON: the metrics file is corrupt") from None
+    return records
+
+
+def phase_markers(cfg: Config) -> dict[str, int]:
+    """Steps to mark: T0 for late-phase runs, the first SWA step when SWA is on."""
+    markers = {}
+    if cfg.late_phase.mode == "late_phase":
+        markers["T0"] = resolve_step(cfg.late_phase.T0, cfg.train.max_steps)
+    if cfg.swa.enabled:
+        markers["swa_start"] = resolve_step(cfg.swa.start, cfg.train.max_steps)
+    return markers
+
+
+def bpc_figure(cfg: Config, records: list[dict], title: str) -> Figure:
+    """Train bpc, valid bpc per model kind and the phase markers, on one axis."""
+    train = [(r["step"], r["train_bpc"]) for r in records if r.get("train_bpc") is not None]
+    valid: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        for kind, bpc in (r.get("valid_bpc") or {}).items():
+            if bpc is not None:
+                valid.setdefault(kind, []).append((r["step"], bpc))
+    if not train and not valid:
+        raise PlotError("the metrics have no bpc records yet: plot after the first logged step")
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    if train:
+        ax.plot(*zip(*train), label="train", color="0.55", linewidth=1.0)
+    for kind, points in sorted(valid.items()):
+        ax.plot(*zip(*points), label=f"valid ({kind})", marker="o", markersize=3, linewidth=1.5)
+    for (name, step), style in zip(phase_markers(cfg).items(), ("--", ":")):
+        ax.axvline(step, color="black", linestyle=style, linewidth=1.0, label=f"{name} (step {step})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per character")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_run(run: Path, out: Path | None = None) -> Path:
+    """Write the run's bpc-vs-step PNG (atomically; default OUT/bpc.png) and return its path."""
+    if not run.is_dir():
+        raise PlotError(f"{run} is not a directory: pass --run with a training run's out_dir")
+    if not (run / "config.yaml").is_file():
+        raise PlotError(f"no config.yaml in {run}: pass --run with a training run's out_dir")
+    out = out if out is not None else run / "bpc.png"
+    if not out.parent.is_dir():
+        raise PlotError(f"cannot write {out}: directory {out.parent} does not exist; create it or pick another --out")
+    cfg = load_config(str(run / "config.yaml"), [])
+    fig = bpc_figure(cfg, read_metrics(run / "metrics.jsonl"),
+                     f"{run.resolve().name}: {cfg.model.family}, {cfg.late_phase.mode}")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lm.plot",
+        description="PNG of train and valid bits per character against step for a training run, "
+        "with T0 (late-phase switch) and the SWA start marked.",
+    )
+    parser.add_argument("--run", required=True, type=Path, help="the run's out_dir (has metrics.jsonl, config.yaml)")
+    parser.add_argument("--out", type=Path, default=None, help="PNG to write (default OUT/bpc.png)")
+    args = parser.parse_args(argv)
+    try:
+        path = plot_run(args.run, args.out)
+    except (PlotError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

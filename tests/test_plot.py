@@ -1,0 +1,95 @@
+"""lm.plot: the bpc-vs-step PNG of a run directory."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.image
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import yaml
+
+from lm.config import config_to_dict, load_config
+from lm.plot import bpc_figure, main, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(root: Path, seed: int, overrides: list[str]) -> tuple[Path, list[dict]]:
+    """A run directory with a resolved config and random metrics (valid bpc every 40 steps, SWA late)."""
+    cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
+    run = root / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    rng = np.random.default_rng(seed)
+    records = []
+    for step in range(10, cfg.train.max_steps + 1, 10):
+        record = {"step": step, "train_bpc": float(rng.uniform(1.5, 4.0)), "lr": 0.01, "chars_per_s": 1e4}
+        if step % 40 == 0:
+            record["valid_bpc"] = {"averaged": float(rng.uniform(1.5, 4)), "ensemble": float(rng.uniform(1.5, 4))}
+            if step >= 80:
+                record["valid_bpc"]["swa"] = float(rng.uniform(1.5, 4))
+        records.append(record)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run, records
+
+
+def test_figure_has_one_line_per_kind_and_the_phase_markers(tmp_path):
+    run, records = make_run(tmp_path, seed=1, overrides=[])
+    cfg = load_config(run / "config.yaml")
+    fig = bpc_figure(cfg, records, "smoke")
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    plt.close(fig)
+    assert set(lines) == {"train", "valid (averaged)", "valid (ensemble)", "valid (swa)",
+                          "T0 (step 60)", "swa_start (step 72)"}
+    np.testing.assert_array_equal(lines["train"].get_xdata(), [r["step"] for r in records])
+    np.testing.assert_array_equal(lines["train"].get_ydata(), [r["train_bpc"] for r in records])
+    swa = [(r["step"], r["valid_bpc"]["swa"]) for r in records if "swa" in r.get("valid_bpc", {})]
+    np.testing.assert_array_equal(np.column_stack(lines["valid (swa)"].get_data()), swa)
+    assert list(lines["T0 (step 60)"].get_xdata()) == [60, 60]
+
+
+def test_plain_run_without_swa_has_no_markers(tmp_path):
+    run, records = make_run(tmp_path, seed=2, overrides=["late_phase.mode=plain", "swa.enabled=false"])
+    fig = bpc_figure(load_config(run / "config.yaml"), records, "plain")
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    plt.close(fig)
+    assert labels == ["train", "valid (averaged)", "valid (ensemble)", "valid (swa)"]
+
+
+def test_cli_writes_a_png_atomically(tmp_path, capsys):
+    run, _ = make_run(tmp_path, seed=3, overrides=[])
+    assert main(["--run", str(run)]) == 0
+    png = run / "bpc.png"
+    assert capsys.readouterr().out.strip() == str(png)
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    assert matplotlib.image.imread(png).shape[:2] == (600, 960)
+    out = tmp_path / "curves.png"
+    assert main(["--run", str(run), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "run"]  # no temporary left
+
+
+def test_torn_last_line_is_skipped_but_corruption_is_an_error(tmp_path):
+    run, records = make_run(tmp_path, seed=4, overrides=[])
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 130, "train_')
+    assert read_metrics(metrics) == records
+    metrics.write_text('{"step": 1\n' + metrics.read_text())
+    assert main(["--run", str(run)]) == 2
+
+
+@pytest.mark.parametrize("case", ["missing_dir", "no_metrics", "bad_out_dir"])
+def test_cli_errors_are_one_line(tmp_path, capsys, case):
+    run, _ = make_run(tmp_path, seed=5, overrides=[])
+    args = {"missing_dir": ["--run", str(tmp_path / "nope")],
+            "no_metrics": ["--run", str(run)],
+            "bad_out_dir": ["--run", str(run), "--out", str(tmp_path / "no" / "x.png")]}[case]
+    if case == "no_metrics":
+        (run / "metrics.jsonl").unlink()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert not list(run.glob("*.png*"))
