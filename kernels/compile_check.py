@@ -1,0 +1,175 @@
+"""Ahead-of-time GPU compile check of every rank-1 kernel with every autotune config.
+
+The CPU interpreter accepts kernels that the GPU compiler rejects (for instance a tl.dot
+with a block dimension under 16), so this compiles each kernel, for each config the
+autotuner may pick, for float32 and bfloat16, to a cubin for the H100 (sm_90) and the A100
+(sm_80). No GPU is needed: `triton.compile` with an explicit `GPUTarget`. It also checks
+that the bf16 forward on sm_90 uses Hopper's wgmma instructions, and reports the shared
+memory each config needs (configs above a device's limit are skipped by the autotuner at
+run time, so at least one config per kernel must fit).
+
+    python -m kernels.compile_check [--arch 90 80] [--jobs N] [--json FILE]
+
+Must run WITHOUT TRITON_INTERPRET (then `triton.jit` builds interpreter functions); the
+test suite runs it in a subprocess.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+# Shared memory per block (opt-in maximum) of each architecture, in bytes.
+SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
+DTYPES = ("fp32", "bf16")
+# The launch-time flags every kernel is compiled with (the slower branch where there is one).
+FLAGS = {"HAS_BIAS": True, "DOT_PRECISION": "tf32", "UPCAST": False}
+# Buffers the dW kernel accumulates into with float32 atomics, whatever the input dtype.
+FLOAT32_OUTPUTS = {"dw_ptr", "dr_ptr", "ds_ptr", "db_ptr"}
+# Strides of the innermost dimension: 1 for contiguous tensors, which the JIT specialises
+# into a constant, as here.
+UNIT_STRIDES = {
+    "stride_xd", "stride_wd", "stride_rn", "stride_sd", "stride_bn", "stride_yn", "stride_dyn", "stride_dxd",
+}
+
+
+@dataclass
+class CompileResult:
+    kernel: str
+    config: str
+    dtype: str
+    arch: int
+    ok: bool
+    shared_bytes: int = 0
+    fits: bool = False
+    wgmma: bool = False
+    error: str = ""
+
+
+def _kernels() -> dict:
+    from kernels import rank1
+
+    return {
+        "forward": (rank1._rank1_fwd_kernel, rank1.FORWARD_CONFIGS),
+        "dx": (rank1._rank1_dx_kernel, rank1.DX_CONFIGS),
+        "dw": (rank1._rank1_dw_kernel, rank1.DW_CONFIGS),
+    }
+
+
+def _describe(config) -> str:
+    kw = config.kwargs
+    return (f"M{kw['BLOCK_M']}-N{kw['BLOCK_N']}-D{kw['BLOCK_D']}"
+            f"-w{config.num_warps}-s{config.num_stages}")
+
+
+def _source(fn, config, dtype: str):
+    """ASTSource of one kernel specialised as a contiguous launch would specialise it."""
+    from triton.compiler import ASTSource
+
+    constexpr_names = {fn.arg_names[i] for i in fn.constexprs}
+    values = {**FLAGS, **config.kwargs}
+    signature, constexprs, attrs = {}, {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constexpr_names:
+            signature[name] = "constexpr"
+            constexprs[name] = values[name]
+        elif name in UNIT_STRIDES:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in FLOAT32_OUTPUTS else f"*{dtype}"
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride_"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def compile_one(kernel: str, config_index: int, dtype: str, arch: int) -> CompileResult:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    fn, configs = _kernels()[kernel]
+    fn = fn.fn  # the JITFunction under the autotuner
+    config = configs[config_index]
+    result = CompileResult(kernel, _describe(config), dtype, arch, ok=False)
+    try:
+        compiled = triton.compile(
+            _source(fn, config, dtype),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+        )
+    except Exception as exc:  # the compiler raises many types; all of them mean "rejected"
+        result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        return result
+    result.ok = True
+    result.shared_bytes = int(compiled.metadata.shared)
+    result.fits = result.shared_bytes <= SHARED_MEMORY_LIMIT[arch]
+    result.wgmma = "wgmma" in compiled.asm["ptx"]
+    return result
+
+
+def run_checks(archs: list[int], jobs: int) -> list[CompileResult]:
+    tasks = [
+        (kernel, i, dtype, arch)
+        for kernel, (_, configs) in _kernels().items()
+        for i in range(len(configs))
+        for dtype in DTYPES
+        for arch in archs
+    ]
+    if jobs <= 1:
+        return [compile_one(*task) for task in tasks]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(compile_one, *zip(*tasks)))
+
+
+def problems(results: list[CompileResult], archs: list[int]) -> list[str]:
+    """Everything that would break on a GPU: rejected configs, kernels with no config that fits, no wgmma."""
+    found = [f"{r.kernel} {r.config} {r.dtype} sm_{r.arch}: {r.error}" for r in results if not r.ok]
+    groups = {(r.kernel, r.dtype, r.arch) for r in results}
+    for kernel, dtype, arch in sorted(groups):
+        if not any(r.fits for r in results if (r.kernel, r.dtype, r.arch) == (kernel, dtype, arch)):
+            found.append(f"{kernel} {dtype} sm_{arch}: no config fits in shared memory")
+    if 90 in archs and not any(r.wgmma for r in results if (r.kernel, r.dtype, r.arch) == ("forward", "bf16", 90)):
+        found.append("forward bf16 sm_90: no config uses wgmma")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m kernels.compile_check",
+        description="Compile every rank-1 kernel and autotune config for sm_90 and sm_80 (no GPU needed).",
+    )
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SHARED_MEMORY_LIMIT),
+                        help="CUDA compute capabilities to compile for (default: 90 80)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("error: unset TRITON_INTERPRET; the interpreter replaces the GPU compiler", file=sys.stderr)
+        return 2
+
+    results = run_checks(args.arch, args.jobs)
+    print(f"{'kernel':8} {'config':24} {'dtype':5} {'arch':6} {'result':8} {'smem KiB':>8} {'fits':5} wgmma")
+    for r in results:
+        print(f"{r.kernel:8} {r.config:24} {r.dtype:5} sm_{r.arch:<3} {'ok' if r.ok else 'FAILED':8} "
+              f"{r.shared_bytes / 1024:8.1f} {'yes' if r.fits else 'no':5} {'yes' if r.wgmma else 'no'}"
+              + (f"  {r.error}" if r.error else ""))
+    if args.json:
+        tmp = f"{args.json}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=1)
+        os.replace(tmp, args.json)
+    found = problems(results, args.arch)
+    for line in found:
+        print(f"error: {line}", file=sys.stderr)
+    print(f"{sum(r.ok for r in results)}/{len(results)} compiled; {len(found)} problem(s)")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

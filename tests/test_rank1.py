@@ -1,0 +1,230 @@
+"""The fused rank-1 linear layer (kernels.rank1) against an independent float64 reference.
+
+Runs the Triton kernels in the CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
+whose one autotune config uses 16-wide tiles, so the odd sizes below span several tiles
+and hit every mask and every cross-tile atomic. Every buffer a kernel stores into is
+NaN-poisoned before the call, so an unwritten element fails the comparison.
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import kernels
+from kernels import rank1
+
+K_VALUES = (1, 3)
+M, D_IN, D_OUT = 7, 33, 17
+# Largest error allowed, relative to the largest magnitude of the float64 reference.
+# bf16 rounds x*s and dy*r to 8 significant bits before the dot and rounds the output.
+TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Make every kernel output start as NaN; record the allocations to prove they happen."""
+    allocations = []
+
+    def poisoned(shape, dtype, device):
+        allocations.append(shape)
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(rank1, "_empty", poisoned)
+    return allocations
+
+
+def reference(x, weight, r, s, bias):
+    """float64 out[k] = x_k @ (W * r_k s_kᵀ)ᵀ + b_k with each member's weight materialised."""
+    members = r.shape[0]
+    xs = x if x.dim() >= 3 else x.expand(members, *x.shape)
+    outs = []
+    for k in range(members):
+        w_k = weight * torch.outer(r[k], s[k])
+        b_k = 0 if bias is None else (bias if bias.dim() == 1 else bias[k])
+        outs.append(xs[k] @ w_k.t() + b_k)
+    return torch.stack(outs)
+
+
+def make_inputs(members, x_shape, dtype, bias_kind, generator):
+    """Fresh random leaf tensors (never zeros): x, weight, r, s, bias."""
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype).requires_grad_()
+
+    bias_shape = {"shared": (D_OUT,), "member": (members, D_OUT)}.get(bias_kind)
+    bias = None if bias_shape is None else randn(*bias_shape)
+    return randn(*x_shape), randn(D_OUT, D_IN), randn(members, D_OUT), randn(members, D_IN), bias
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+def check_against_reference(inputs, impl="triton", generator=None):
+    """Forward and all gradients of rank1_linear vs the float64 reference; returns the output."""
+    x, weight, r, s, bias = inputs
+    dtype = x.dtype
+    out = kernels.rank1_linear(x, weight, r, s, bias, impl=impl)
+    grad_out = torch.randn(out.shape, generator=generator).to(dtype)
+    leaves = [t for t in inputs if t is not None]
+    grads = torch.autograd.grad(out, leaves, grad_out)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    x64, w64, r64, s64 = leaves64[:4]
+    b64 = leaves64[4] if bias is not None else None
+    expected = reference(x64, w64, r64, s64, b64)
+    expected_out = expected.reshape(out.shape)
+    expected_grads = torch.autograd.grad(expected_out, leaves64, grad_out.double())
+
+    assert out.dtype == dtype and out.shape == expected_out.shape
+    assert torch.isfinite(out).all()
+    assert relative_error(out, expected_out) < TOLERANCE[dtype]
+    names = ["dx", "dweight", "dr", "ds", "dbias"]
+    for name, grad, expected_grad, leaf in zip(names, grads, expected_grads, leaves):
+        assert grad.dtype == dtype and grad.shape == leaf.shape, name
+        assert torch.isfinite(grad).all(), name
+        assert relative_error(grad, expected_grad) < TOLERANCE[dtype], name
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("members", K_VALUES)
+@pytest.mark.parametrize("bias_kind", [None, "shared", "member"])
+@pytest.mark.parametrize("shared_x", [False, True], ids=["member_x", "shared_x"])
+def test_triton_matches_float64_reference(shared_x, bias_kind, members, dtype, poisoned_outputs):
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{shared_x}{bias_kind}{members}{dtype}".encode()))
+    x_shape = (M, D_IN) if shared_x else (members, M, D_IN)
+    inputs = make_inputs(members, x_shape, dtype, bias_kind, generator)
+    check_against_reference(inputs, generator=generator)
+    # y, then dx: both came from the poisoned allocator, so an unwritten tile would be NaN.
+    assert poisoned_outputs == [(members, M, D_OUT), (1 if shared_x else members, M, D_IN)]
+
+
+def test_float16():
+    generator = torch.Generator().manual_seed(5)
+    check_against_reference(make_inputs(3, (3, M, D_IN), torch.float16, "member", generator), generator=generator)
+
+
+def test_leading_batch_dims_fold_into_rows():
+    generator = torch.Generator().manual_seed(1)
+    inputs = make_inputs(3, (3, 2, 9, D_IN), torch.float32, "member", generator)
+    out = check_against_reference(inputs, generator=generator)
+    assert out.shape == (3, 2, 9, D_OUT)
+
+
+def test_non_contiguous_inputs():
+    generator = torch.Generator().manual_seed(2)
+    members = 3
+
+    def strided(*shape):
+        # Transposed storage and a step of 2 in the last dimension: no unit strides anywhere.
+        base = torch.randn(*shape[:-2], shape[-1], 2 * shape[-2], generator=generator)
+        return base.transpose(-1, -2)[..., ::2, :].requires_grad_()
+
+    x = torch.randn(M, members, 2 * D_IN, generator=generator)[..., ::2].transpose(0, 1).requires_grad_()
+    weight, r, s = strided(D_OUT, D_IN), strided(members, D_OUT), strided(members, D_IN)
+    bias = torch.randn(D_OUT, 2, generator=generator)[:, 1].requires_grad_()
+    assert not any(t.is_contiguous() for t in (x, weight, r, s, bias))
+    check_against_reference((x, weight, r, s, bias), generator=generator)
+
+
+def test_weight_gradient_rows_split_across_programs(monkeypatch):
+    """More rows than one dW program takes: partial tiles combine through the atomics."""
+    monkeypatch.setattr(rank1, "_MIN_ROWS_PER_SPLIT", 8)
+    assert rank1._row_splits(40, D_OUT, D_IN, 1, torch.device("cpu")) > 1
+    generator = torch.Generator().manual_seed(3)
+    check_against_reference(make_inputs(1, (1, 40, D_IN), torch.float32, "shared", generator), generator=generator)
+
+
+def test_only_requested_gradients_are_computed():
+    generator = torch.Generator().manual_seed(4)
+    x, weight, r, s, bias = make_inputs(3, (3, M, D_IN), torch.float32, "member", generator)
+    weight.requires_grad_(False)
+    bias.requires_grad_(False)
+    out = kernels.rank1_linear(x, weight, r, s, bias, impl="triton")
+    out.sum().backward()
+    assert weight.grad is None and bias.grad is None
+    assert x.grad is not None and r.grad is not None and s.grad is not None
+
+
+@pytest.mark.parametrize("shared_x", [False, True], ids=["member_x", "shared_x"])
+def test_eager_matches_float64_reference(shared_x):
+    generator = torch.Generator().manual_seed(6)
+    x_shape = (M, D_IN) if shared_x else (3, M, D_IN)
+    check_against_reference(make_inputs(3, x_shape, torch.float32, "member", generator), impl="eager",
+                            generator=generator)
+
+
+@pytest.mark.parametrize("shared_x", [False, True], ids=["member_x", "shared_x"])
+def test_eager_and_triton_agree(shared_x):
+    generator = torch.Generator().manual_seed(7)
+    x_shape = (M, D_IN) if shared_x else (3, 2, 5, D_IN)
+    inputs = make_inputs(3, x_shape, torch.float32, "shared", generator)
+    grad_seed = torch.randn(3, 2 * 5 if not shared_x else M, D_OUT, generator=generator)
+    results = {}
+    for impl in ("eager", "triton"):
+        out = kernels.rank1_linear(*inputs, impl=impl)
+        grads = torch.autograd.grad(out, inputs, grad_seed.reshape(out.shape))
+        results[impl] = (out, *grads)
+    for eager, fused in zip(results["eager"], results["triton"]):
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_uses_triton_under_the_interpreter(monkeypatch):
+    calls = []
+    monkeypatch.setattr(rank1.Rank1LinearFunction, "apply", lambda *args: calls.append(args) or args[0])
+    generator = torch.Generator().manual_seed(8)
+    kernels.rank1_linear(*make_inputs(3, (3, M, D_IN), torch.float32, None, generator))
+    assert len(calls) == 1
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    generator = torch.Generator().manual_seed(9)
+    inputs = make_inputs(3, (3, M, D_IN), torch.float32, "member", generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kernels.rank1_linear(*inputs, impl="triton")
+    assert out.dtype == torch.bfloat16
+    x, weight, r, s, bias = (t.detach().double() for t in inputs)
+    assert relative_error(out, reference(x, weight, r, s, bias)) < TOLERANCE[torch.bfloat16]
+
+
+def _valid(**overrides):
+    generator = torch.Generator().manual_seed(10)
+    members = 3
+    args = dict(
+        x=torch.randn(members, M, D_IN, generator=generator),
+        weight=torch.randn(D_OUT, D_IN, generator=generator),
+        r=torch.randn(members, D_OUT, generator=generator),
+        s=torch.randn(members, D_IN, generator=generator),
+        bias=torch.randn(D_OUT, generator=generator),
+    )
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(weight=torch.ones(D_OUT, D_IN, 1)), r"weight must be \(d_out, d_in\)"),
+        (dict(r=torch.ones(3, D_OUT + 1)), rf"r must be \(K, d_out\) = \(K, {D_OUT}\)"),
+        (dict(s=torch.ones(2, D_IN)), rf"s must be \(K, d_in\) = \(3, {D_IN}\)"),
+        (dict(x=torch.ones(3, M, D_IN + 1)), rf"x must be \(K, M, d_in\) = \(3, M, {D_IN}\)"),
+        (dict(x=torch.ones(2, M, D_IN)), r"x must be \(K, \.\.\., d_in\) with K = 3"),
+        (dict(x=torch.ones(D_IN)), r"x must be \(K, M, d_in\)"),
+        (dict(bias=torch.ones(2, D_OUT)), rf"bias must be None, \({D_OUT},\) or \(3, {D_OUT}\)"),
+        (dict(r=torch.ones(3, D_OUT, dtype=torch.float64)), r"r has dtype torch.float64"),
+        (dict(x=torch.ones(3, M, D_IN, dtype=torch.int64)), r"x has dtype torch.int64"),
+        (dict(s=torch.ones(3, D_IN, dtype=torch.bfloat16)), r"s has dtype torch.bfloat16 but x has torch.float32"),
+    ],
+)
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+def test_bad_inputs_raise_value_error_naming_the_argument(overrides, message, impl):
+    with pytest.raises(ValueError, match=message):
+        kernels.rank1_linear(**_valid(**overrides), impl=impl)
+
+
+def test_unknown_impl_is_rejected():
+    with pytest.raises(ValueError, match="impl must be one of"):
+        kernels.rank1_linear(**_valid(), impl="cuda")
