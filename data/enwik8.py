@@ -93,7 +93,7 @@ def _download_and_read(url: str, out_dir: Path, sha256: str) -> bytes:
     try:
         actual = _download(url, partial)
         _check_sha256(actual, sha256, f"the download of {url}")
-        return read_source(partial)
+        return read_source(partial, what=f"the download of {url}")
     finally:
         partial.unlink(missing_ok=True)
 

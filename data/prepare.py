@@ -37,12 +37,14 @@ class DataError(Exception):
     """A data problem the user can fix; the message is one line naming problem and fix."""
 
 
-def read_source(path: str | os.PathLike) -> bytes:
+def read_source(path: str | os.PathLike, what: str | None = None) -> bytes:
     """The bytes of a corpus file: gzip (.gz, dictzip .dz), a zip with one file, or raw.
 
-    The format is recognised by the file's magic bytes, not its name.
+    The format is recognised by the file's magic bytes, not its name. `what` names the
+    file in error messages (default: its path).
     """
     path = Path(path)
+    what = what or str(path)
     if not path.is_file():
         raise DataError(f"source {path} does not exist or is not a file; check the path")
     with open(path, "rb") as f:
@@ -52,24 +54,24 @@ def read_source(path: str | os.PathLike) -> bytes:
             with gzip.open(path, "rb") as f:
                 return f.read()
         except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path} is a corrupt or truncated gzip file ({e}); get a fresh copy") from None
+            raise DataError(f"{what} is a corrupt or truncated gzip file ({e}); get a fresh copy") from None
     if magic == _ZIP_MAGIC:
-        return _read_single_zip_member(path)
+        return _read_single_zip_member(path, what)
     return path.read_bytes()
 
 
-def _read_single_zip_member(path: Path) -> bytes:
+def _read_single_zip_member(path: Path, what: str) -> bytes:
     try:
         with zipfile.ZipFile(path) as archive:
             members = [m for m in archive.infolist() if not m.is_dir()]
             if len(members) != 1:
                 names = ", ".join(m.filename for m in members) or "nothing"
-                raise DataError(f"{path} must hold exactly one file but holds {names}; "
+                raise DataError(f"{what} must hold exactly one file but holds {names}; "
                                 "extract the one you want and pass that file instead")
             return archive.read(members[0])
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:
-        raise DataError(f"{path} is a corrupt or truncated zip file ({e}); "
-                        "download it again or pass a good copy") from None
+        raise DataError(f"{what} is a corrupt or truncated zip file ({e}); "
+                        "download it again or pass a good copy with --source") from None
 
 
 def file_sha256(path: str | os.PathLike) -> str:

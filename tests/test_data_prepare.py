@@ -1,0 +1,133 @@
+"""data.prepare: reading corpora, split sizes, atomic writes, manifest, idempotence, CLI."""
+import gzip
+import hashlib
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from data import prepare
+from data.prepare import (DataError, is_prepared, prepare_corpus, read_source, run_cli, split_sizes,
+                          write_splits)
+
+
+@pytest.fixture
+def corpus() -> bytes:
+    rng = np.random.default_rng()
+    return rng.integers(0, 256, int(rng.integers(5_000, 20_000))).astype(np.uint8).tobytes()
+
+
+def _zip_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+def test_read_source_recognises_gzip_zip_and_raw_by_content(tmp_path, corpus):
+    (tmp_path / "a.dz").write_bytes(gzip.compress(corpus))
+    (tmp_path / "b.zip").write_bytes(_zip_bytes({"enwik8": corpus}))
+    (tmp_path / "c.txt").write_bytes(corpus)
+    for name in ("a.dz", "b.zip", "c.txt"):
+        assert read_source(tmp_path / name) == corpus
+
+
+@pytest.mark.parametrize("content, problem", [
+    (lambda c: _zip_bytes({"x": c, "y": c}), "exactly one file"),
+    (lambda c: _zip_bytes({"x": c})[:-200], "corrupt or truncated zip"),
+    (lambda c: gzip.compress(c)[:-50], "corrupt or truncated gzip"),
+])
+def test_read_source_rejects_bad_archives_in_one_line(tmp_path, corpus, content, problem):
+    path = tmp_path / "source"
+    path.write_bytes(content(corpus))
+    with pytest.raises(DataError, match=problem) as raised:
+        read_source(path)
+    assert "\n" not in str(raised.value)
+
+
+def test_split_sizes_enwik8_and_ragged():
+    assert split_sizes(100_000_000) == (90_000_000, 5_000_000, 5_000_000)
+    n = int(np.random.default_rng().integers(1_000, 10**7))
+    sizes = split_sizes(n, (0.8, 0.15, 0.05))
+    assert sum(sizes) == n and sizes[1] == round(0.15 * n) and sizes[2] == round(0.05 * n)
+    with pytest.raises(DataError, match="at least"):
+        split_sizes(20)
+    with pytest.raises(DataError, match="summing to 1"):
+        split_sizes(1000, (0.9, 0.2, 0.05))
+
+
+def test_write_splits_exact_slices_and_manifest(tmp_path, corpus):
+    sizes = split_sizes(len(corpus), (0.7, 0.2, 0.1))
+    manifest = write_splits(corpus, tmp_path / "out", sizes, {"corpus": "test"})
+    start = 0
+    for name, size in zip(("train", "valid", "test"), sizes):
+        content = (tmp_path / "out" / f"{name}.bin").read_bytes()
+        assert content == corpus[start:start + size]
+        assert manifest["splits"][name] == {"file": f"{name}.bin", "bytes": size,
+                                            "sha256": hashlib.sha256(content).hexdigest()}
+        start += size
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
+    assert is_prepared(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "test.bin", "train.bin",
+                                                                    "valid.bin"]
+
+
+def test_write_failure_leaves_no_bin(tmp_path, corpus, monkeypatch):
+    calls = []
+
+    def fail_on_third_file(final, content):
+        calls.append(final.name)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_write(final, content)
+
+    real_write = prepare._write_temporary
+    monkeypatch.setattr(prepare, "_write_temporary", fail_on_third_file)
+    with pytest.raises(DataError, match="No space left on device"):
+        write_splits(corpus, tmp_path, split_sizes(len(corpus)), {"corpus": "test"})
+    assert calls[:3] == ["train.bin", "valid.bin", "test.bin"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_is_prepared_detects_missing_or_truncated_split(tmp_path, corpus):
+    write_splits(corpus, tmp_path, split_sizes(len(corpus)), {"corpus": "test"})
+    with open(tmp_path / "valid.bin", "r+b") as f:
+        f.truncate(10)
+    assert not is_prepared(tmp_path)
+    (tmp_path / "valid.bin").unlink()
+    assert not is_prepared(tmp_path)
+
+
+def test_prepare_corpus_is_idempotent_and_refuses_another_corpus(tmp_path, corpus, capsys):
+    source = tmp_path / "corpus.gz"
+    source.write_bytes(gzip.compress(corpus))
+    out = tmp_path / "out"
+    prepare_corpus(source, out)
+    assert b"".join((out / f"{s}.bin").read_bytes() for s in ("train", "valid", "test")) == corpus
+    stamp = (out / "train.bin").stat().st_mtime_ns
+    capsys.readouterr()
+    prepare_corpus(source, out)
+    assert "nothing to do" in capsys.readouterr().out
+    assert (out / "train.bin").stat().st_mtime_ns == stamp
+    other = tmp_path / "other.txt"
+    other.write_bytes(corpus[::-1])
+    with pytest.raises(DataError, match="different corpus"):
+        prepare_corpus(other, out)
+
+
+def test_cli_help_success_and_one_line_error(tmp_path, corpus, capsys):
+    with pytest.raises(SystemExit) as raised:
+        prepare._main(["--help"])
+    assert raised.value.code == 0 and "--split" in capsys.readouterr().out
+    source = tmp_path / "corpus.bin"
+    source.write_bytes(corpus)
+    assert run_cli(prepare._main, ["--source", str(source), "--out", str(tmp_path / "out"),
+                                   "--split", "0.5,0.25,0.25"]) == 0
+    assert len((tmp_path / "out" / "valid.bin").read_bytes()) == round(len(corpus) / 4)
+    capsys.readouterr()
+    assert run_cli(prepare._main, ["--source", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "missing" in err
