@@ -99,6 +99,7 @@ class EvalConfig:
     batch_size: int = 64
     context: int = 512  # Transformer sliding-window context
     stride: int = 256  # Transformer window stride (bytes newly scored per window)
+    members: bool = True  # final results also score every late-phase member on its own (K passes per split)
 
 
 @dataclass

@@ -1,0 +1,120 @@
+"""Crash-safe training checkpoints: Accelerate's state plus what Accelerate does not know about.
+
+Layout of one checkpoint, `OUT/checkpoints/step_0000123/`:
+  - everything `accelerator.save_state` writes (model, optimisers, every process's RNG states);
+  - `trainer.pt`: the main process's extra tensors (late-phase stepper, SWA average, pending gradients);
+  - `process_<rank>.pt`: each process's own state (its data iterator position, its LSTM hidden state);
+  - `trainer_state.json`: step and readable metadata. Written LAST: a directory without it is incomplete.
+
+A checkpoint is written into a hidden temporary directory and renamed into place only when complete, so a
+process killed mid-write leaves the previous checkpoints untouched; discovery ignores temporary
+directories and the next save removes them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+STATE_FILE = "trainer_state.json"
+MAIN_TENSORS_FILE = "trainer.pt"
+TEMP_PREFIX = ".tmp-"
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used (missing, or written by an incompatible run); one line with the fix."""
+
+
+def checkpoints_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under OUT/checkpoints, oldest first (by step number)."""
+    root = checkpoints_root(out_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _NAME.match(path.name)
+        if match and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None."""
+    found = list_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    out_dir: str | Path,
+    step: int,
+    state: dict[str, Any],
+    main_tensors: dict[str, Any],
+    process_state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` atomically; every process must call this. Keeps the newest `keep`.
+
+    `state` (JSON-able) and `main_tensors` come from the main process; `process_state` from each process."""
+    root = checkpoints_root(out_dir)
+    final = root / checkpoint_name(step)
+    tmp = root / f"{TEMP_PREFIX}{final.name}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"{TEMP_PREFIX}*"):  # left by a process killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    torch.save(process_state, tmp / f"process_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        torch.save(main_tensors, tmp / MAIN_TENSORS_FILE)
+        _write_json_atomic(tmp / STATE_FILE, {**state, "step": step, "num_processes": accelerator.num_processes})
+        if final.exists():  # re-saving a step (e.g. the end of a resumed run): the old copy is replaced
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Restore Accelerate's state from `path` (model, optimisers, RNG) and return
+    (state, main_tensors, this process's process_state) for the trainer to apply."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {STATE_FILE}); pick another one or start afresh")
+    state = json.loads(state_file.read_text())
+    if state["num_processes"] != accelerator.num_processes:
+        raise CheckpointError(
+            f"{path}: written by {state['num_processes']} process(es), resumed with {accelerator.num_processes}; "
+            f"resume with the same number of processes (each owns its data streams)"
+        )
+    accelerator.load_state(str(path))
+    main_tensors = torch.load(path / MAIN_TENSORS_FILE, map_location="cpu", weights_only=True)
+    process_state = torch.load(path / f"process_{accelerator.process_index}.pt", map_location="cpu", weights_only=True)
+    return state, main_tensors, process_state

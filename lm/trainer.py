@@ -1,0 +1,368 @@
+"""The training loop, on Accelerate: read `Trainer.train_step` and `Trainer.fit` top to bottom.
+
+One code path for every mode (plain, rank1, late_phase) and schedule: the member schedule says
+which member runs each minibatch and `LatePhaseStepper` applies the gradients accordingly.
+One code path for one and many processes: Accelerate decides (DDP over NCCL or gloo), every
+process runs the same schedule, `train.batch_size` is global and each process takes its rows.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import save_model
+from torch import nn
+from tqdm.auto import tqdm
+
+from data.batches import StreamBatches, WindowBatches
+from data.enwik8 import prepare_enwik8
+from data.prepare import DataError, is_prepared, prepare_corpus
+from data.synthetic import prepare_synthetic
+from data.tokenizer import bits_per_byte, load_split, load_tokenizer
+from lm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from lm.config import Config, config_to_dict, resolve_step, validate
+from lm.evaluate import _token_limit, evaluate_bpc
+from lm.late_phase import (
+    LatePhaseStepper,
+    MemberSchedule,
+    average_members,
+    build_optimizers,
+    is_plain,
+    num_members,
+    spawn_members,
+)
+from lm.models import build_model, detach_state, export, plain_like
+from lm.swa import WeightAverage
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss became non-finite); one line saying what to do."""
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """An Accelerator for `cfg`. `accelerate launch --mixed_precision bf16|fp16` wins over the config
+    (the launcher always exports its choice, "no" by default, so only a real choice overrides)."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    mixed_precision = launched if launched != "no" else cfg.train.mixed_precision
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum)
+
+
+def prepare_data(cfg: Config) -> Path:
+    """Make sure cfg.data.dir holds train/valid/test splits, preparing them when missing."""
+    data_dir = Path(cfg.data.dir)
+    corpus, source = cfg.data.corpus, cfg.data.source
+    if corpus == "synthetic":
+        return prepare_synthetic(data_dir, cfg.data.synthetic_bytes, seed=cfg.train.seed)
+    if corpus == "enwik8":
+        try:
+            return prepare_enwik8(data_dir, source=source)
+        except DataError as e:
+            if source is not None:
+                raise
+            raise DataError(
+                f"enwik8 is not prepared in {data_dir} and could not be downloaded ({e}); pass a local copy "
+                f"with data.source=PATH (enwik8.zip or the extracted file), or train offline on the synthetic "
+                f"corpus: python train_lm.py --config configs/smoke.yaml"
+            ) from None
+    if source is not None:
+        return prepare_corpus(source, data_dir)
+    if not is_prepared(data_dir):
+        raise DataError(
+            f"data.corpus=prepared but {data_dir} holds no prepared splits; run python -m data.prepare "
+            f"--source FILE --out {data_dir}, or give data.source=FILE"
+        )
+    return data_dir
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Learning-rate multiplier at `step`: linear warmup, then constant or cosine decay to zero."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return 1.0
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Trains `cfg` into cfg.run.out_dir. `resume=True` continues from the latest checkpoint there."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator | None = None, *, resume: bool = False):
+        self.cfg = cfg
+        self.accelerator = accelerator = accelerator or make_accelerator(cfg)
+        validate(cfg, accelerator.num_processes)  # before any work: no out_dir for a bad config
+        cfg.train.mixed_precision = str(accelerator.mixed_precision)
+        self.out_dir = Path(cfg.run.out_dir)
+        if resume:
+            checkpoint = latest_checkpoint(self.out_dir)
+            if checkpoint is None:
+                raise CheckpointError(f"--resume: no checkpoint in {self.out_dir}/checkpoints; run without --resume to start")
+        else:
+            checkpoint = None
+            if latest_checkpoint(self.out_dir) is not None:
+                raise CheckpointError(f"{self.out_dir} already holds checkpoints: pass --resume to continue that run, "
+                                      f"or choose another run.out_dir")
+        self.is_main = accelerator.is_main_process
+        rank, world = accelerator.process_index, accelerator.num_processes
+        t = cfg.train
+
+        # Data: the main process prepares (downloads, splits, trains a tokenizer) while the others wait.
+        with accelerator.main_process_first():
+            data_dir = prepare_data(cfg)
+            tokenizer = load_tokenizer(data_dir, cfg.data.tokenizer, cfg.data.sp_vocab_size)
+            self.splits = {name: load_split(data_dir, name, tokenizer) for name in ("train", "valid", "test")}
+        self.byte_lengths = np.asarray(tokenizer.byte_lengths)
+        cfg.model.vocab_size = tokenizer.vocab_size
+        if cfg.model.family == "lstm":  # stateful: contiguous streams, hidden state carried across windows
+            self.batches = StreamBatches(self.splits["train"], t.batch_size, t.seq_len, rank, world)
+        else:
+            self.batches = WindowBatches(self.splits["train"], t.batch_size, t.seq_len, t.seed, rank, world)
+
+        # Model and optimisers: the same seed everywhere gives every process the same initial weights.
+        set_seed(t.seed)
+        model = build_model(cfg.model, cfg.late_phase)
+        T0 = resolve_step(cfg.late_phase.T0, t.max_steps, "late_phase.T0")
+        self.schedule = MemberSchedule.from_config(cfg.late_phase, T0)
+        shared_opt, member_opt = build_optimizers(model, t, cfg.late_phase)
+        optimizers = [opt for opt in (shared_opt, member_opt) if opt is not None]
+        self.model, *self.optimizers = accelerator.prepare(model, *optimizers)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group.setdefault("base_lr", group["lr"])
+        clip = None if t.grad_clip == 0 else (lambda params: accelerator.clip_grad_norm_(params, t.grad_clip))
+        self.stepper = LatePhaseStepper(
+            self.unwrapped, self.schedule, self.optimizers[0], self.optimizers[1] if member_opt else None,
+            clip, sigma0=cfg.late_phase.sigma0, seed=t.seed,
+        )
+        set_seed(t.seed, device_specific=True)  # dropout differs between processes (they see different rows)
+
+        self.swa = WeightAverage() if cfg.swa.enabled else None
+        self.swa_start = resolve_step(cfg.swa.start, t.max_steps, "swa.start") if cfg.swa.enabled else None
+        self.step = 0  # optimisation steps done
+        self.states: list[Any] = [None] * t.grad_accum  # LSTM state of each micro-batch's streams
+        self.window = {"nats": torch.zeros((), dtype=torch.float64, device=accelerator.device), "bytes": 0,
+                       "start_step": 0, "start_time": time.perf_counter()}
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            self._truncate_metrics()
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+
+    # ------------------------------------------------------------------------------------------
+    # One optimisation step
+
+    def train_step(self) -> int:
+        """One global minibatch (all accumulation micro-batches) and its update; returns this process's bytes."""
+        accelerator, step = self.accelerator, self.step
+        member = self.schedule.member(step)
+        batch = next(self.batches)
+        if batch.reset:
+            self.states = [None] * self.cfg.train.grad_accum
+        micro = batch.inputs.shape[0] // self.cfg.train.grad_accum
+        n_bytes = 0
+        for i, state in enumerate(self.states):
+            rows = slice(i * micro, (i + 1) * micro)
+            inputs, targets = batch.inputs[rows], batch.targets[rows]
+            n_bytes += int(self.byte_lengths[targets.numpy()].sum())
+            inputs, targets = inputs.to(accelerator.device), targets.to(accelerator.device)
+            with accelerator.accumulate(self.model):
+                logits, state = self.model(inputs, state, member=member)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                accelerator.backward(loss)
+            self.states[i] = detach_state(state)
+            self.window["nats"] += loss.detach().double() * targets.numel()
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor(step, self.cfg)
+        self.stepper.after_backward(step)
+        self.step += 1
+        self.window["bytes"] += n_bytes
+        return n_bytes
+
+    # ------------------------------------------------------------------------------------------
+    # The whole run
+
+    def fit(self) -> dict[str, Any]:
+        """Train to train.max_steps with logging, validation, SWA and checkpoints; export and test at the end."""
+        t, every = self.cfg.train, self.cfg.checkpoint.every
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step",
+                   disable=not self.is_main, dynamic_ncols=True)
+        while self.step < t.max_steps:
+            self.train_step()
+            bar.update(1)
+            record: dict[str, Any] = {}
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                record.update(self._train_stats())
+                bar.set_postfix(bpc=f"{record['train_bpc']:.3f}", chars_per_s=f"{record['chars_per_s']:,.0f}")
+            if self._swa_due():
+                self.swa.update(self.averaged_model().state_dict())
+            if self.step % t.eval_every == 0:
+                record["valid_bpc"] = {kind: r.bpc for kind, r in self.evaluate("valid", t.eval_bytes).items()}
+            if record:
+                self._log({"step": self.step, **record})
+            if self.step % every == 0 or self.step == t.max_steps:
+                self.save()
+        bar.close()
+        return self.finish()
+
+    def _train_stats(self) -> dict[str, Any]:
+        """Train bpc and throughput since the last log line, over all processes; stops on a non-finite loss."""
+        totals = torch.stack([self.window["nats"],
+                              torch.tensor(float(self.window["bytes"]), dtype=torch.float64, device=self.accelerator.device)])
+        nats, n_bytes = self.accelerator.reduce(totals, reduction="sum").tolist()
+        self._check_finite(nats)
+        elapsed = time.perf_counter() - self.window["start_time"]
+        stats = {"train_bpc": bits_per_byte(nats, int(n_bytes)), "lr": self.optimizers[0].param_groups[0]["lr"],
+                 "chars_per_s": n_bytes / elapsed, "phase": self.schedule.phase(self.step - 1)}
+        self.window.update(nats=torch.zeros_like(self.window["nats"]), bytes=0, start_step=self.step,
+                           start_time=time.perf_counter())
+        return stats
+
+    def _check_finite(self, nats: float) -> None:
+        if not math.isfinite(nats):
+            last = latest_checkpoint(self.out_dir)
+            raise TrainingError(
+                f"the training loss became non-finite between steps {self.window['start_step'] + 1} and {self.step}; "
+                f"the last good checkpoint is {last or 'none (no checkpoint yet)'}: lower train.lr or set "
+                f"train.grad_clip, then rerun{' with --resume' if last else ''}"
+            )
+
+    def _swa_due(self) -> bool:
+        return self.swa is not None and self.step >= self.swa_start and (self.step - self.swa_start) % self.cfg.swa.every == 0
+
+    # ------------------------------------------------------------------------------------------
+    # Models to evaluate and export
+
+    def averaged_model(self) -> nn.Module:
+        """The weight-space member average as an ordinary model (the model itself when plain)."""
+        model = self.unwrapped
+        if is_plain(model):
+            return model
+        if self.schedule.phase(self.step) == "tied" and num_members(model) > 1:
+            # Before T0 only row 0 is trained; the tied model is row 0 copied to every row.
+            model = copy.deepcopy(model)
+            spawn_members(model, 0.0, torch.Generator())
+        return average_members(model)
+
+    def swa_model(self) -> nn.Module | None:
+        if self.swa is None or self.swa.count == 0:
+            return None
+        plain = plain_like(self.unwrapped)
+        plain.load_state_dict(self.swa.average())
+        return plain
+
+    def evaluate(self, split: str, max_bytes: int | None, members: bool = False) -> dict[str, Any]:
+        """EvalResult of every model kind on `split` (its first `max_bytes` bytes; None: all of it)."""
+        cfg, data = self.cfg, self.splits[split]
+        geometry = dict(family=cfg.model.family, batch_size=cfg.eval.batch_size, seq_len=cfg.train.seq_len,
+                        context=cfg.eval.context, stride=cfg.eval.stride, byte_lengths=self.byte_lengths,
+                        accelerator=self.accelerator, max_tokens=_token_limit(data, self.byte_lengths, max_bytes))
+        results = {"averaged": evaluate_bpc(self.averaged_model(), data, member=0, **geometry)}
+        if self.schedule.phase(self.step) == "late":
+            results["ensemble"] = evaluate_bpc(self.unwrapped, data, member="ensemble", **geometry)
+            if members:
+                for k in range(self.schedule.K):
+                    results[f"member_{k}"] = evaluate_bpc(self.unwrapped, data, member=k, **geometry)
+        swa = self.swa_model()
+        if swa is not None:
+            results["swa"] = evaluate_bpc(swa, data, member=0, **geometry)
+        return results
+
+    def finish(self) -> dict[str, Any]:
+        """Export final/ and write results.json: valid and test bpc of every model kind on the whole splits."""
+        final = self.out_dir / "final"
+        tmp = self.out_dir / f"final.tmp-{os.getpid()}"
+        if self.is_main:
+            tmp.mkdir(parents=True)
+            for kind, model in {"averaged": self.averaged_model(), "swa": self.swa_model()}.items():
+                if model is not None:
+                    export(model, self.cfg, tmp / kind)
+            if not is_plain(self.unwrapped):
+                save_model(self.unwrapped, str(tmp / "members.safetensors"))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        results: dict[str, Any] = {"step": self.step, "n_bytes": {}}
+        for split in ("valid", "test"):
+            evals = self.evaluate(split, None, members=self.cfg.eval.members)
+            results[split] = {kind: r.bpc for kind, r in evals.items()}
+            results["n_bytes"][split] = evals["averaged"].n_bytes
+        if self.is_main:
+            _write_json(self.out_dir / "results.json", results)
+        self.accelerator.wait_for_everyone()
+        return results
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints, metrics
+
+    def save(self) -> Path:
+        """Checkpoint the current step (after making sure the loss is still finite)."""
+        nats = self.accelerator.reduce(self.window["nats"].clone(), reduction="sum").item()
+        self._check_finite(nats)
+        state = {"phase": self.schedule.phase(self.step), "window_start_step": self.window["start_step"],
+                 "config": config_to_dict(self.cfg)}
+        main_tensors = {"stepper": self.stepper.state_dict(),
+                        "swa": None if self.swa is None else self.swa.state_dict()}
+        process_state = {"data": self.batches.state_dict(), "lstm_states": self.states,
+                         "window_nats": self.window["nats"].cpu(), "window_bytes": self.window["bytes"]}
+        return save_checkpoint(self.accelerator, self.out_dir, self.step, state, main_tensors, process_state,
+                               self.cfg.checkpoint.keep)
+
+    def _restore(self, path: Path) -> None:
+        state, main_tensors, process_state = load_checkpoint(self.accelerator, path)
+        saved = state["config"]
+        saved["model"]["vocab_size"] = self.cfg.model.vocab_size
+        current = config_to_dict(self.cfg)
+        changed = [f"{s}.{k}" for s in current for k in current[s]
+                   if s != "run" and current[s][k] != saved.get(s, {}).get(k)]
+        if changed and self.accelerator.is_main_process:
+            print(f"note: resuming {path} with changed settings: {', '.join(changed)}")
+        self.step = int(state["step"])
+        self.stepper.load_state_dict(main_tensors["stepper"])
+        if self.swa is not None and main_tensors["swa"] is not None:
+            self.swa.load_state_dict(main_tensors["swa"])
+        self.batches.load_state_dict(process_state["data"])
+        device = self.accelerator.device
+        self.states = [None if s is None else tuple(x.to(device) for x in s) for s in process_state["lstm_states"]]
+        self.window.update(nats=process_state["window_nats"].to(device), bytes=int(process_state["window_bytes"]),
+                           start_step=int(state["window_start_step"]))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines past the current step (written after the checkpoint we resume from)."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line)["step"] <= self.step]
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
