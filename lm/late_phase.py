@@ -71,11 +71,21 @@ class Rank1Factors(MemberRows):
         return None if self.bias is None else self.bias[member]
 
     def mean_fold(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight-space average W * mean_k(r_k s_k^T) (rank <= K; NOT mean(r) mean(s)^T)."""
-        return weight * (self.r.t() @ self.s / self.r.shape[0])
+        """The weight-space average W * mean_k(r_k s_k^T) (rank <= K; NOT mean(r) mean(s)^T).
+
+        The mean is taken in float64: then K identical members give exactly outer(r_0, s_0)
+        as float32 computes it, so the average of a tied model is that model bit for bit.
+        """
+        mean = self.r.double().t() @ self.s.double() / self.r.shape[0]
+        return weight * mean.to(weight.dtype)
 
     def mean_bias(self) -> torch.Tensor | None:
-        return None if self.bias is None else self.bias.mean(dim=0)
+        return None if self.bias is None else member_mean(self.bias)
+
+
+def member_mean(rows: torch.Tensor) -> torch.Tensor:
+    """Mean over members (dim 0), in float64 so identical rows average to themselves exactly."""
+    return rows.double().mean(dim=0).to(rows.dtype)
 
 
 class LatePhaseLinear(nn.Module):
@@ -153,7 +163,7 @@ class LatePhaseLayerNorm(nn.Module):
         return normed * g.view(g.shape[0], *([1] * (normed.dim() - 2)), self.dim) + self.bias
 
     def averaged_state(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.gains.weight.mean(dim=0), "bias": self.bias}
+        return {"weight": member_mean(self.gains.weight), "bias": self.bias}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,9 +375,10 @@ class MemberAdamW(MemberOptimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def _init_state(self, p, state):
-        # float32 step counts on the parameter's device; the key "step" keeps torch's
-        # load_state_dict from casting the counts to the parameter dtype.
-        state["step"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+        # float64 step counts (exact, and bias corrections as precise as torch's Python floats)
+        # on the parameter's device; the key "step" keeps torch's load_state_dict from casting
+        # the counts to the parameter dtype.
+        state["step"] = torch.zeros(p.shape[0], dtype=torch.float64, device=p.device)
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
@@ -383,8 +394,8 @@ class MemberAdamW(MemberOptimizer):
             p.mul_(1 - lr * wd)
         state["exp_avg"].lerp_(grad, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias1 = (1 - beta1 ** step).view(shape)
-        bias2_sqrt = (1 - beta2 ** step).sqrt().view(shape)
+        bias1 = (1 - beta1 ** step).view(shape).to(p.dtype)
+        bias2_sqrt = (1 - beta2 ** step).sqrt().view(shape).to(p.dtype)
         denom = (state["exp_avg_sq"].sqrt() / bias2_sqrt).add_(eps)
         p.addcdiv_(state["exp_avg"] / bias1, denom, value=-lr)
 

@@ -1,0 +1,175 @@
+"""Both model families in every mode and member argument; export/load; short training runs."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lm.config import Config, LatePhaseConfig, ModelConfig, TrainConfig
+from lm.late_phase import (
+    LatePhaseLinear,
+    LatePhaseStepper,
+    MemberSchedule,
+    average_members,
+    build_optimizers,
+    late_phase_parameters,
+)
+from lm.models import ExportError, build_model, detach_state, export, load_exported
+
+from tests.test_late_phase import TINY as TINY_LATE_PHASE
+from tests.test_late_phase import eager_rank1, randomize_members  # noqa: F401 (autouse fixture)
+
+TINY = {
+    **TINY_LATE_PHASE,
+    "transformer_learned": ModelConfig(family="transformer", vocab_size=256, d_model=16, n_layers=1, n_heads=2,
+                                       max_seq_len=16, positions="learned"),
+}
+K = 3
+
+
+def late_model(name, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(TINY[name], LatePhaseConfig(mode="late_phase", K=K))
+    randomize_members(model, seed)
+    return model
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_member_modes_shapes_and_agreement(name):
+    model = late_model(name)
+    x = torch.randint(0, 256, (2 * K, 7))
+    everyone, state_all = model(x, None, "all")
+    parallel, _ = model(x, None, "parallel")
+    assert everyone.shape == (K, 2 * K, 7, 256) and parallel.shape == (2 * K, 7, 256)
+    for k in range(K):
+        one, state = model(x, None, k)
+        assert one.shape == (2 * K, 7, 256)
+        torch.testing.assert_close(everyone[k], one, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(parallel[k::K], one[k::K], rtol=1e-5, atol=1e-5)  # row b -> member b % K
+        if name == "lstm":
+            assert state[0].shape == (2, 2 * K, 12)
+    if name == "lstm":
+        assert state_all[0].shape == (K, 2, 2 * K, 12)
+    else:
+        assert state_all is None
+    assert not torch.allclose(everyone[0], everyone[1])  # the members really differ
+
+
+def test_lstm_state_carries_across_windows_in_every_mode():
+    model = late_model("lstm")
+    x = torch.randint(0, 256, (K, 10))
+    for member in (1, "parallel", "all"):
+        whole, _ = model(x, None, member)
+        first, state = model(x[:, :6], None, member)
+        second, _ = model(x[:, 6:], detach_state(state), member)
+        torch.testing.assert_close(torch.cat([first, second], dim=-2), whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["lstm", "transformer"])
+def test_plain_model_member_arguments(family):
+    model = build_model(TINY[family], LatePhaseConfig(mode="plain"))
+    x = torch.randint(0, 256, (2, 5))
+    one, _ = model(x)
+    everyone, _ = model(x, None, "all")
+    assert everyone.shape == (1, 2, 5, 256)
+    torch.testing.assert_close(everyone[0], one)
+    with pytest.raises(ValueError, match="parallel"):
+        model(x, None, "parallel")
+    with pytest.raises(ValueError, match="out of range"):
+        model(x, None, 1)
+
+
+def test_bad_member_arguments_give_one_line_errors():
+    model = late_model("transformer")
+    x = torch.randint(0, 256, (4, 5))
+    with pytest.raises(ValueError, match="multiple of K=3"):
+        model(x, None, "parallel")
+    with pytest.raises(ValueError, match="member 3 out of range"):
+        model(x, None, 3)
+    with pytest.raises(ValueError, match="'ensemble'"):
+        model(x, None, "ensemble")
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.randint(0, 256, (1, 17)))
+
+
+def test_rank1_kernel_path_agrees_with_eager(monkeypatch):
+    # One small pass through kernels.rank1_linear's default dispatch (Triton, interpreted on CPU).
+    monkeypatch.setattr(LatePhaseLinear, "rank1_impl", "auto")
+    cfg = ModelConfig(family="transformer", vocab_size=256, d_model=16, n_layers=1, n_heads=2, max_seq_len=8)
+    torch.manual_seed(1)
+    model = build_model(cfg, LatePhaseConfig(mode="late_phase", K=2))
+    with torch.no_grad():
+        for p in late_phase_parameters(model):
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.randint(0, 256, (2, 4))
+    kernel, _ = model(x, None, "all")
+    monkeypatch.setattr(LatePhaseLinear, "rank1_impl", "eager")
+    torch.testing.assert_close(kernel, model(x, None, "all")[0], rtol=1e-4, atol=1e-4)
+
+
+def test_paper_lstm_and_recommended_transformer_sizes():
+    lstm = build_model(ModelConfig(family="lstm", embed_dim=190, hidden_size=500, num_layers=1), LatePhaseConfig(mode="plain"))
+    assert sum(p.numel() for p in lstm.parameters()) == 2256 * 190 + 1_132_256 == 1_560_896
+    cfg = ModelConfig(family="transformer", d_model=512, n_layers=8, n_heads=8)
+    with torch.device("meta"):
+        plain = build_model(cfg, LatePhaseConfig(mode="plain"))
+        late = build_model(cfg, LatePhaseConfig(mode="late_phase", K=10))
+    n_plain = sum(p.numel() for p in plain.parameters())
+    assert n_plain == 25_482_496
+    # per linear layer and member: r (d_out) + s (d_in) + bias (d_out) rows instead of the shared bias
+    extra = sum(10 * (m.weight.shape[0] * 2 + m.weight.shape[1]) - m.weight.shape[0]
+                for m in late.modules() if isinstance(m, LatePhaseLinear))
+    assert sum(p.numel() for p in late.parameters()) == n_plain + extra
+
+
+@pytest.mark.parametrize("family", ["lstm", "transformer"])
+def test_export_and_load_exported_round_trip(tmp_path, family):
+    model = late_model(family, seed=4)
+    cfg = Config(model=TINY[family], late_phase=LatePhaseConfig(mode="late_phase", K=K))
+    out = export(model, cfg, tmp_path / "averaged")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((out / "config.json").read_text())["late_phase"]["mode"] == "plain"
+    loaded = load_exported(out)
+    plain = build_model(TINY[family], LatePhaseConfig(mode="plain"))
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert loaded.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randint(0, 256, (2, 6))
+    assert torch.equal(loaded(x)[0], average_members(model)(x)[0])
+    assert not torch.allclose(loaded(x)[0], model(x, None, 0)[0])  # members differ, so does their average
+
+
+def test_load_exported_errors(tmp_path):
+    with pytest.raises(ExportError, match="not found"):
+        load_exported(tmp_path)
+    export(build_model(TINY["lstm"], LatePhaseConfig(mode="plain")), Config(model=TINY["lstm"]), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model"]["hidden_size"] = 13
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="does not match"):
+        load_exported(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["lstm", "transformer"])
+@pytest.mark.parametrize("mode,schedule", [("plain", "sequential"), ("rank1", "sequential"),
+                                           ("late_phase", "sequential"), ("late_phase", "parallel")])
+def test_each_mode_trains_and_the_loss_falls(family, mode, schedule):
+    torch.manual_seed(3)
+    lp_cfg = LatePhaseConfig(mode=mode, K=2, schedule=schedule, sigma0=0.01)
+    model = build_model(TINY[family], lp_cfg)
+    plan = MemberSchedule.from_config(lp_cfg, T0_step=4)
+    shared_opt, member_opt = build_optimizers(model, TrainConfig(lr=0.02), lp_cfg)
+    stepper = LatePhaseStepper(model, plan, shared_opt, member_opt,
+                               clip=lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0), sigma0=0.01)
+    data = torch.randint(0, 256, (4, 13))  # one random batch, memorised
+    x, y = data[:, :-1], data[:, 1:]
+    losses = []
+    for t in range(16):
+        logits, _ = model(x, None, plan.member(t))
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        stepper.after_backward(t)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+    if mode != "plain":
+        averaged, _ = average_members(model)(x)
+        assert F.cross_entropy(averaged.flatten(0, 1), y.flatten()).item() < losses[0] - 0.3
