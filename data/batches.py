@@ -203,14 +203,19 @@ def stream_eval_batches(data: np.ndarray, batch_size: int, seq_len: int, rank: i
     sequential pass; more streams trade a little context at batch_size-1 cut points for speed.
     Ranks take disjoint contiguous sets of streams; past each stream's end the mask is False.
     """
+    # Arguments are checked here, at the call; the batches come from a generator.
     data = _truncate(data, max_tokens)
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
     n_targets = count_scored(len(data))
     bounds = np.array([j * n_targets // batch_size for j in range(batch_size + 1)])
     first, end, rows = _eval_rows(batch_size, rank, world_size)
-    starts, lengths = bounds[first:end], np.diff(bounds)[first:end]
     longest = int(np.diff(bounds).max())  # over ALL streams, so every rank yields the same batches
+    return _stream_windows(data, bounds[first:end], np.diff(bounds)[first:end], longest, seq_len, rows)
+
+
+def _stream_windows(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray, longest: int, seq_len: int,
+                    rows: int) -> Iterator[EvalBatch]:
     for offset in range(0, longest, seq_len):
         width = min(seq_len, longest - offset)
         window_lengths = np.clip(lengths - offset, 0, width)
@@ -227,6 +232,7 @@ def window_eval_batches(data: np.ndarray, batch_size: int, context: int, stride:
     context-stride tokens of context; windows that run past the end are cut short (masked).
     Each global batch holds batch_size consecutive windows; rank i takes a contiguous share.
     """
+    # Arguments are checked here, at the call; the batches come from a generator.
     if not 1 <= stride <= context:
         raise DataError(f"eval stride {stride} must be between 1 and the context {context}; change eval.stride")
     if batch_size < 1:
@@ -234,12 +240,17 @@ def window_eval_batches(data: np.ndarray, batch_size: int, context: int, stride:
     data = _truncate(data, max_tokens)
     n_targets = count_scored(len(data))
     n_windows = 1 + math.ceil(max(n_targets - context, 0) / stride) if n_targets else 0
+    return _sliding_windows(data, n_targets, n_windows, batch_size, context, stride,
+                            *_eval_rows(batch_size, rank, world_size))
+
+
+def _sliding_windows(data: np.ndarray, n_targets: int, n_windows: int, batch_size: int, context: int, stride: int,
+                     first: int, end: int, rows: int) -> Iterator[EvalBatch]:
     for first_window in range(0, n_windows, batch_size):
         windows = np.arange(first_window, min(first_window + batch_size, n_windows))
         starts = windows * stride
         lengths = np.minimum(context, n_targets - starts)  # targets each window has
         width = int(lengths.max())
-        first, end, rows = _eval_rows(batch_size, rank, world_size)
         inputs, targets, mask = _masked_rows(data, starts[first:end], lengths[first:end], width, rows)
         # Targets before context-stride were scored by the previous window (all of window 0's are new).
         already_scored = np.where(windows[first:end] == 0, 0, context - stride)

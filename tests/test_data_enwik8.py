@@ -7,6 +7,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from tqdm import tqdm
 
 from data import enwik8
 from data.enwik8 import prepare_enwik8
@@ -103,6 +104,20 @@ def test_download_failures_leave_no_bin_and_say_what_to_do(server, corpus, tmp_p
     message = str(raised.value)
     assert "\n" not in message and "--source" in message
     assert not is_prepared(out) and _no_bin(out)
+
+
+def test_ctrl_c_during_download_leaves_nothing(server, corpus, tmp_path, monkeypatch):
+    archive = _zip(corpus)
+    url = _serve(server, "/slow.zip", archive)
+
+    class InterruptedProgress(tqdm):
+        def update(self, n=1):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(enwik8, "tqdm", InterruptedProgress)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_enwik8(tmp_path / "out", url=url, sha256=hashlib.sha256(archive).hexdigest())
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_local_source_zip_and_extracted(tmp_path, corpus):

@@ -75,18 +75,20 @@ def test_write_splits_exact_slices_and_manifest(tmp_path, corpus):
                                                                     "valid.bin"]
 
 
-def test_write_failure_leaves_no_bin(tmp_path, corpus, monkeypatch):
+@pytest.mark.parametrize("failure, raised", [(OSError(28, "No space left on device"), DataError),
+                                              (KeyboardInterrupt(), KeyboardInterrupt)])
+def test_write_failure_or_ctrl_c_leaves_no_bin(tmp_path, corpus, monkeypatch, failure, raised):
     calls = []
 
     def fail_on_third_file(final, content):
         calls.append(final.name)
         if len(calls) == 3:
-            raise OSError(28, "No space left on device")
+            raise failure
         return real_write(final, content)
 
     real_write = prepare._write_temporary
     monkeypatch.setattr(prepare, "_write_temporary", fail_on_third_file)
-    with pytest.raises(DataError, match="No space left on device"):
+    with pytest.raises(raised):
         write_splits(corpus, tmp_path, split_sizes(len(corpus)), {"corpus": "test"})
     assert calls[:3] == ["train.bin", "valid.bin", "test.bin"]
     assert list(tmp_path.iterdir()) == []
