@@ -70,23 +70,17 @@ def _config(block_m: int, block_n: int, block_d: int, warps: int, stages: int) -
 FORWARD_CONFIGS = [
     _config(128, 128, 64, 8, 3),
     _config(128, 256, 64, 8, 3),
-    _config(256, 128, 64, 8, 3),
     _config(64, 128, 64, 4, 4),
-    _config(128, 64, 32, 4, 4),
     _config(64, 64, 32, 4, 4),
 ]
 DX_CONFIGS = [
     _config(128, 64, 128, 8, 3),
-    _config(128, 64, 256, 8, 3),
     _config(64, 64, 128, 4, 4),
-    _config(128, 32, 64, 4, 4),
     _config(64, 32, 64, 4, 4),
 ]
 DW_CONFIGS = [
     _config(64, 128, 128, 8, 3),
-    _config(32, 128, 128, 8, 4),
     _config(64, 64, 128, 4, 4),
-    _config(64, 64, 64, 4, 4),
     _config(32, 64, 64, 4, 4),
 ]
 INTERPRETER_CONFIG = _config(16, 16, 16, 4, 1)

@@ -1,0 +1,311 @@
+"""Benchmark of the fused rank-1 linear layer: `python -m kernels.bench [--quick]`.
+
+For every shape in the grid (the paper's LSTM gates, Transformer MLP layers; K members;
+M rows per member), dtype, and pass (forward, forward+backward) it times
+    fused     kernels.rank1_linear(impl="triton")
+    eager     the three-op PyTorch reference
+    compiled  torch.compile of the eager reference
+    floor     a plain batched matmul of the same shape without any scaling (cuBLAS)
+with triton.testing.do_bench (median ms), and reports TFLOP/s, GB/s of compulsory traffic,
+speed-up over eager, ratio to the floor and peak memory. Writes the table as JSON and CSV.
+Before timing, the fused kernel is checked against a float64 reference.
+
+Without CUDA it says so, times only the eager reference on the CPU, and checks the
+interpreted Triton kernel (TRITON_INTERPRET=1, in a subprocess) on a small shape.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from kernels.rank1 import interpreting, rank1_linear, rank1_linear_eager
+
+# (name, d_in, d_out): the paper's LSTM gate matrices (4H x d_in with H = 500) and the
+# Transformer MLP layers (d_model 512 and 1024, 4x expansion).
+LAYERS = [
+    ("lstm-500", 500, 2000),
+    ("lstm-756", 756, 2000),
+    ("tf512-mlp-in", 512, 2048),
+    ("tf512-mlp-out", 2048, 512),
+    ("tf1024-mlp-in", 1024, 4096),
+    ("tf1024-mlp-out", 4096, 1024),
+]
+MEMBERS = [1, 4, 10]
+ROWS = [256, 1024, 4096, 16384]
+QUICK = {"layers": LAYERS[:1] + LAYERS[2:3], "members": [4], "rows": [1024, 4096]}
+CPU_QUICK = {"layers": LAYERS[:1] + LAYERS[2:3], "members": [1, 4], "rows": [256]}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+PASSES = ("fwd", "fwd+bwd")
+# Rows per member from which a shape counts as compute-bound for the floor target.
+COMPUTE_BOUND_ROWS = 4096
+
+
+@dataclass
+class Row:
+    layer: str
+    d_in: int
+    d_out: int
+    members: int
+    rows: int
+    dtype: str
+    pass_: str
+    impl: str
+    ms: float
+    tflops: float
+    gbps: float
+    speedup_vs_eager: float = float("nan")
+    ratio_to_floor: float = float("nan")
+    peak_mib: float = float("nan")
+
+
+def flops(members: int, rows: int, d_in: int, d_out: int, pass_: str) -> float:
+    """Matmul FLOPs: one GEMM forward, two more (dx, dW) backward; the scalings are negligible."""
+    return 2.0 * members * rows * d_in * d_out * (1 if pass_ == "fwd" else 3)
+
+
+def compulsory_bytes(members: int, rows: int, d_in: int, d_out: int, pass_: str, itemsize: int) -> float:
+    """Bytes every implementation must move: inputs read and results written once."""
+    x, y, w = members * rows * d_in, members * rows * d_out, d_in * d_out
+    factors = members * (d_in + 2 * d_out)  # r, s, bias
+    forward = x + w + factors + y
+    backward = y + x + w + factors + x + w + factors  # read dy, x, W, factors; write dx, dW, dfactors
+    return itemsize * (forward if pass_ == "fwd" else forward + backward)
+
+
+def make_inputs(members: int, rows: int, d_in: int, d_out: int, dtype: torch.dtype, device: str, seed: int = 0):
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, device=device) * scale).to(dtype).requires_grad_()
+
+    x = randn(members, rows, d_in)
+    weight = randn(d_out, d_in, scale=d_in ** -0.5)
+    r, s = ((1 + 0.1 * randn(members, d)).detach().requires_grad_() for d in (d_out, d_in))
+    bias = randn(members, d_out)
+    return x, weight, r, s, bias
+
+
+def implementations(compiled_eager) -> dict:
+    """Forward callables over (x, weight, r, s, bias); the floor ignores the scalings."""
+    return {
+        "fused": lambda x, w, r, s, b: rank1_linear(x, w, r, s, b, impl="triton"),
+        "eager": rank1_linear_eager,
+        "compiled": compiled_eager,
+        "floor": lambda x, w, r, s, b: torch.matmul(x, w.t()),
+    }
+
+
+def correctness_check(device: str) -> float:
+    """Largest error of the fused kernel (forward and all gradients) vs float64, relative to the max."""
+    members, rows, d_in, d_out = 3, 37, 67, 45
+    inputs = make_inputs(members, rows, d_in, d_out, torch.float32, device, seed=1)
+    grad = torch.randn(members, rows, d_out, device=device)
+    out = rank1_linear(*inputs, impl="triton")
+    fused = (out, *torch.autograd.grad(out, inputs, grad))
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    out64 = rank1_linear_eager(*inputs64)
+    reference = (out64, *torch.autograd.grad(out64, inputs64, grad.double()))
+    return max(((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(fused, reference))
+
+
+def _interpreted_correctness_check() -> float:
+    """The CPU check must run with TRITON_INTERPRET=1 from before triton is imported: a subprocess."""
+    if interpreting():
+        return correctness_check("cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "kernels.bench", "--check-only"],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"interpreted correctness check failed:\n{proc.stderr[-2000:]}")
+    return float(proc.stdout.split()[-1])
+
+
+def _time_gpu(fn, leaves) -> tuple[float, float]:
+    """Median ms via triton.testing.do_bench, and peak memory (MiB) of one call above the inputs."""
+    import triton.testing
+
+    ms = triton.testing.do_bench(fn, grad_to_none=leaves, return_mode="median")
+    for t in leaves:
+        t.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    for t in leaves:
+        t.grad = None
+    return ms, peak
+
+
+def _time_cpu(fn, leaves) -> tuple[float, float]:
+    import torch.utils.benchmark as benchmark
+
+    def call():
+        fn()
+        for t in leaves:
+            t.grad = None
+
+    measurement = benchmark.Timer(stmt="call()", globals={"call": call}).blocked_autorange(min_run_time=0.3)
+    return measurement.median * 1e3, float("nan")
+
+
+def run_grid(grid: dict, dtypes: list[str], device: str, impls: list[str]) -> list[Row]:
+    compiled = None
+    if "compiled" in impls:
+        import torch._dynamo.config as dynamo_config
+
+        # One compiled graph per shape; the default limit (8) would silently fall back to eager.
+        limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, limit, 4096)
+        compiled = torch.compile(rank1_linear_eager, dynamic=False)
+    callables = implementations(compiled)
+    timer = _time_gpu if device == "cuda" else _time_cpu
+    cases = [
+        (layer, members, rows, dtype)
+        for dtype in dtypes for layer in grid["layers"] for members in grid["members"] for rows in grid["rows"]
+    ]
+    results: list[Row] = []
+    for (name, d_in, d_out), members, rows, dtype in tqdm(cases, desc="rank1 bench", file=sys.stderr):
+        inputs = make_inputs(members, rows, d_in, d_out, DTYPES[dtype], device)
+        grad = torch.randn(members, rows, d_out, device=device).to(DTYPES[dtype])
+        for pass_ in PASSES:
+            case_rows = {}
+            for impl in impls:
+                forward = callables[impl]
+                if pass_ == "fwd":
+                    def fn(forward=forward):
+                        with torch.no_grad():
+                            return forward(*inputs)
+                else:
+                    def fn(forward=forward):
+                        forward(*inputs).backward(grad)
+                ms, peak = timer(fn, list(inputs))
+                work = flops(members, rows, d_in, d_out, pass_)
+                traffic = compulsory_bytes(members, rows, d_in, d_out, pass_, DTYPES[dtype].itemsize)
+                case_rows[impl] = Row(name, d_in, d_out, members, rows, dtype, pass_, impl, ms,
+                                      work / ms / 1e9, traffic / ms / 1e6, peak_mib=peak)
+            for row in case_rows.values():
+                if "eager" in case_rows:
+                    row.speedup_vs_eager = case_rows["eager"].ms / row.ms
+                if "floor" in case_rows:
+                    row.ratio_to_floor = row.ms / case_rows["floor"].ms
+            results.extend(case_rows.values())
+        del inputs, grad
+    return results
+
+
+def summary(results: list[Row]) -> list[str]:
+    """Means over the grid for each dtype and pass, against the targets of issue 3 (bf16 fwd+bwd)."""
+    lines = []
+    for dtype in sorted({r.dtype for r in results}):
+        for pass_ in PASSES:
+            rows = [r for r in results if r.dtype == dtype and r.pass_ == pass_]
+            by_case = {}
+            for r in rows:
+                by_case.setdefault((r.layer, r.members, r.rows), {})[r.impl] = r
+            fused = [c for c in by_case.values() if "fused" in c]
+            if not fused:
+                continue
+            parts = []
+            if all("eager" in c for c in fused):
+                parts.append(f"speed-up over eager {statistics.mean(c['eager'].ms / c['fused'].ms for c in fused):.2f}x")
+            if all("compiled" in c for c in fused):
+                parts.append(f"over torch.compile {statistics.mean(c['compiled'].ms / c['fused'].ms for c in fused):.2f}x")
+            bound = [c for (_, _, m), c in by_case.items() if m >= COMPUTE_BOUND_ROWS and "fused" in c and "floor" in c]
+            if bound:
+                parts.append(f"ratio to floor (M >= {COMPUTE_BOUND_ROWS}) "
+                             f"{statistics.mean(c['fused'].ms / c['floor'].ms for c in bound):.2f}")
+            if all("eager" in c for c in fused) and not any(c["fused"].peak_mib != c["fused"].peak_mib for c in fused):
+                worse = sum(c["fused"].peak_mib > c["eager"].peak_mib for c in fused)
+                parts.append(f"peak memory above eager in {worse}/{len(fused)} shapes")
+            lines.append(f"{dtype} {pass_}: " + ", ".join(parts))
+    return lines
+
+
+def format_table(results: list[Row]) -> str:
+    header = (f"{'layer':15} {'K':>3} {'M':>6} {'dtype':5} {'pass':8} {'impl':9} {'ms':>9} {'TFLOP/s':>8} "
+              f"{'GB/s':>8} {'vs eager':>8} {'/ floor':>8} {'peak MiB':>9}")
+    lines = [header, "-" * len(header)]
+
+    def number(value: float, width: int, digits: int) -> str:
+        return f"{'-':>{width}}" if value != value else f"{value:{width}.{digits}f}"  # NaN: not measured
+
+    for r in results:
+        lines.append(f"{r.layer:15} {r.members:3d} {r.rows:6d} {r.dtype:5} {r.pass_:8} {r.impl:9} {r.ms:9.3f} "
+                     f"{r.tflops:8.2f} {r.gbps:8.1f} {number(r.speedup_vs_eager, 8, 2)} "
+                     f"{number(r.ratio_to_floor, 8, 2)} {number(r.peak_mib, 9, 1)}")
+    return "\n".join(lines)
+
+
+def write_outputs(results: list[Row], prefix: str) -> list[str]:
+    """Atomically write PREFIX.json and PREFIX.csv."""
+    records = [{("pass" if k == "pass_" else k): v for k, v in asdict(r).items()} for r in results]
+    paths = []
+    for ext in ("json", "csv"):
+        path = f"{prefix}.{ext}"
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", newline="") as f:
+            if ext == "json":
+                json.dump(records, f, indent=1)
+            else:
+                writer = csv.DictWriter(f, fieldnames=list(records[0]))
+                writer.writeheader()
+                writer.writerows(records)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m kernels.bench",
+        description="Time the fused rank-1 linear kernel against eager PyTorch, torch.compile and a plain matmul.",
+    )
+    parser.add_argument("--quick", action="store_true", help="a short run on a few shapes")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"],
+                        help="dtypes to time (default: bf16 fp32)")
+    parser.add_argument("--out", default="rank1_bench", help="output prefix: writes OUT.json and OUT.csv")
+    parser.add_argument("--check-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.check_only:
+        print(f"{correctness_check('cuda' if torch.cuda.is_available() else 'cpu'):.3e}")
+        return 0
+    if torch.cuda.is_available():
+        import triton
+
+        print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+        error = correctness_check("cuda")
+        print(f"correctness: fused vs float64 reference, max relative error {error:.2e}")
+        grid = QUICK if args.quick else {"layers": LAYERS, "members": MEMBERS, "rows": ROWS}
+        results = run_grid(grid, args.dtype, "cuda", ["fused", "eager", "compiled", "floor"])
+    else:
+        print("No CUDA device: timing only the eager reference on the CPU; the fused kernel is checked "
+              "for correctness in Triton's interpreter.")
+        error = _interpreted_correctness_check()
+        print(f"correctness: interpreted fused kernel vs float64 reference, max relative error {error:.2e}")
+        grid = CPU_QUICK if args.quick else {"layers": LAYERS, "members": MEMBERS, "rows": ROWS}
+        results = run_grid(grid, args.dtype, "cpu", ["eager"])
+    if error > 1e-4:
+        print(f"error: fused kernel disagrees with the reference (relative error {error:.2e})", file=sys.stderr)
+        return 1
+    print(format_table(results))
+    for line in summary(results):
+        print(line)
+    print("wrote " + ", ".join(write_outputs(results, args.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
