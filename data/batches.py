@@ -10,6 +10,8 @@ Training
   of (seed, t), so any step is reproducible without replaying the earlier ones.
 In both, `batch_size` is GLOBAL: rank i of world_size W takes rows [i*b, (i+1)*b), b =
 batch_size // W, so the W shares together are exactly the batch one process would see.
+`state_dict()` holds no rank or world size: the same state resumes every rank, and even a
+different number of processes continues with the same global batches.
 
 Evaluation
 The first token of a split has no context and is never a target; every later position
@@ -58,8 +60,7 @@ def _rows_per_rank(batch_size: int, rank: int, world_size: int) -> int:
 
 def _gather(data: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
     """Rows data[s : s+length] for each start s, as an int64 tensor (reads only those bytes)."""
-    rows = np.stack([np.asarray(data[s:s + length]) for s in starts.tolist()]) if len(starts) else \
-        np.zeros((0, length), dtype=np.int64)
+    rows = np.stack([np.asarray(data[s:s + length]) for s in starts.tolist()])
     return torch.from_numpy(rows.astype(np.int64))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.prepare import SPLITS, DataError
+from data.prepare import SPLITS, DataError, file_sha256
 
 # SentencePiece trains on a sample of train.bin: at most this many bytes, taken as evenly
 # spaced chunks so the whole split is represented. Enough text for a few thousand pieces,
@@ -63,7 +63,8 @@ class SentencePieceTokenizer:
         self.model_path = Path(model_path)
         self._processor = spm.SentencePieceProcessor(model_file=str(self.model_path))
         self.vocab_size = self._processor.get_piece_size()
-        self.name = f"sp{self.vocab_size}"
+        # The model's hash in the name keeps token caches of a replaced model from being reused.
+        self.name = f"sp{self.vocab_size}-{file_sha256(self.model_path)[:12]}"
         self._byte_ids = np.array([self._processor.piece_to_id(f"<0x{b:02X}>") for b in range(256)])
         spelled = []
         for i in range(self.vocab_size):
@@ -118,11 +119,11 @@ def train_sentencepiece(data_dir: str | os.PathLike, vocab_size: int,
             sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=vocab_size, model_type="unigram",
             byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
             remove_extra_whitespaces=False, split_digits=True, character_coverage=0.9995,
-            max_sentence_length=1 << 16, train_extremely_large_corpus=False, minloglevel=2)
+            max_sentence_length=1 << 16, minloglevel=2)
         os.replace(f"{prefix}.model", final)
     except RuntimeError as e:
-        raise DataError(f"SentencePiece training on {data_dir}/train.bin failed ({e}); "
-                        "try a smaller data.sp_vocab_size") from None
+        raise DataError(f"SentencePiece training on {data_dir}/train.bin failed ({e}); choose another "
+                        "data.sp_vocab_size: above 259 (256 byte pieces + 3 control) and small enough for the text") from None
     finally:
         for leftover in (f"{prefix}.model", f"{prefix}.vocab"):
             Path(leftover).unlink(missing_ok=True)

@@ -111,4 +111,7 @@ def test_load_split_memmaps_bytes_and_caches_tokens(sp, sp_dir):
         load_split(sp_dir / "missing", "train", ByteTokenizer())
     with pytest.raises(DataError, match="unknown tokenizer"):
         load_tokenizer(sp_dir, "bpe")
+    with pytest.raises(DataError, match="sp_vocab_size"):
+        load_tokenizer(sp_dir, "sentencepiece", vocab_size=200)
+    assert not list(sp_dir.glob("sp200*"))
 
