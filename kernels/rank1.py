@@ -18,6 +18,7 @@ Kernels (each one launch for all members):
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -316,12 +317,14 @@ def _dot_args(dtype: torch.dtype) -> dict:
 _MIN_ROWS_PER_SPLIT = 512
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _row_splits(m: int, n: int, d: int, members: int, device: torch.device) -> int:
     """Split the dW row reduction so that the grid holds a few waves of programs."""
-    if device.type == "cuda":
-        wanted = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        wanted = 4
+    wanted = 4 * _multiprocessors(device)
     tiles = triton.cdiv(n, 128) * triton.cdiv(d, 128) * members
     return max(1, min(triton.cdiv(wanted, tiles), triton.cdiv(m, _MIN_ROWS_PER_SPLIT)))
 
@@ -503,7 +506,7 @@ def rank1_linear(
     _validate(x, weight, r, s, bias)
     if impl == "auto":
         impl = "triton" if x.is_cuda or interpreting() else "eager"
-    batch = x.shape[1:-1] if x.dim() >= 3 else None
+    # Leading batch dims of per-member x fold into the rows (a view when the strides allow).
     x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 3 else x
     if impl == "eager":
         out = rank1_linear_eager(x3, weight, r, s, bias)
@@ -513,4 +516,4 @@ def rank1_linear(
                 "rank1_linear: impl='triton' needs CUDA tensors or TRITON_INTERPRET=1; use impl='eager' on CPU"
             )
         out = Rank1LinearFunction.apply(x3, weight, r, s, bias)
-    return out.reshape(r.shape[0], *batch, weight.shape[0]) if batch is not None and len(batch) != 1 else out
+    return out.reshape(*x.shape[:-1], weight.shape[0]) if x.dim() > 3 else out
