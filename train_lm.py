@@ -10,6 +10,7 @@ downloading and splitting enwik8 first when data.dir does not hold it yet.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -45,16 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     from lm.config import ConfigError, load_config
     from lm.trainer import Trainer, TrainingError
 
+    # Under torchrun / accelerate launch every process gets here; one of them speaks.
+    speaks = os.environ.get("RANK", "0") == "0"
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
         results = Trainer(cfg, resume=args.resume).fit()
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if speaks:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted; the last checkpoint is intact, continue with --resume", file=sys.stderr)
+        if speaks:
+            print("error: interrupted; the last checkpoint is intact, continue with --resume", file=sys.stderr)
         return 130
-    if results is not None:
+    if speaks:
         summary = ", ".join(f"{kind} {bpc:.4f}" for kind, bpc in results["test"].items())
         print(f"test bpc: {summary} -> {cfg.run.out_dir}/results.json")
     return 0

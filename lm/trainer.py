@@ -56,7 +56,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
     (the launcher always exports its choice, "no" by default, so only a real choice overrides)."""
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     mixed_precision = launched if launched != "no" else cfg.train.mixed_precision
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum)
+    # Accelerate treats a torchrun launch without GPUs as one process each unless told it is a CPU
+    # run; cpu=True then gives MULTI_CPU over gloo (accelerate launch --cpu sets the same flag).
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
+                       cpu=multi_cpu)
 
 
 def prepare_data(cfg: Config) -> Path:

@@ -1,0 +1,299 @@
+"""Training end to end on the synthetic corpus with tiny models: outputs, resume, crash safety,
+two processes, bad input. One reference run (through the CLI) is shared by most tests."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+import train_lm
+from data.tokenizer import ByteTokenizer, load_split
+from lm.checkpoint import latest_checkpoint, list_checkpoints
+from lm.config import load_config
+from lm.evaluate import evaluate_bpc
+from lm.models import load_exported
+from lm.trainer import Trainer, TrainingError
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "configs" / "smoke.yaml"
+# 12 steps; K=3 members spawn at T0=6; checkpoints every 4 steps, so step 4 is tied and step 8
+# is in the middle of a member cycle (two shared-weight gradients pending); SWA from step 8.
+TINY = [
+    "data.synthetic_bytes=40000", "model.embed_dim=8", "model.hidden_size=16",
+    "train.batch_size=4", "train.seq_len=16", "train.max_steps=12", "train.log_every=4",
+    "train.eval_every=6", "train.eval_bytes=400", "checkpoint.every=4", "checkpoint.keep=10",
+    "late_phase.K=3", "late_phase.T0=6", "swa.start=8", "swa.every=2", "eval.batch_size=4",
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process Trainer builds its own Accelerator; Accelerate's state is a process-wide singleton."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data") / "synthetic"
+
+
+def tiny_args(out_dir: Path, data_dir: Path, *extra: str) -> list[str]:
+    return [f"run.out_dir={out_dir}", f"data.dir={data_dir}", *TINY, *extra]
+
+
+def tiny_config(out_dir: Path, data_dir: Path, *extra: str):
+    return load_config(SMOKE, tiny_args(out_dir, data_dir, *extra))
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, data_dir) -> Path:
+    """The tiny late-phase + SWA run through the CLI, one process."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    out = tmp_path_factory.mktemp("runs") / "reference"
+    assert train_lm.main(["--config", str(SMOKE), *tiny_args(out, data_dir)]) == 0
+    return out
+
+
+def test_run_writes_config_metrics_checkpoints_final_and_results(reference_run, data_dir):
+    out = reference_run
+    assert load_config(out / "config.yaml").late_phase.K == 3
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 6, 8, 12]
+    for r in records:
+        if "train_bpc" in r:
+            assert math.isfinite(r["train_bpc"]) and r["chars_per_s"] > 0 and r["lr"] == pytest.approx(1e-2)
+    assert set(records[1]["valid_bpc"]) == {"averaged", "ensemble"}  # step 6: members exist
+    assert set(records[3]["valid_bpc"]) == {"averaged", "ensemble", "swa"}
+
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000004", "step_0000008", "step_0000012"]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+    results = json.loads((out / "results.json").read_text())
+    kinds = {"averaged", "ensemble", "member_0", "member_1", "member_2", "swa"}
+    for split in ("valid", "test"):
+        assert set(results[split]) == kinds
+        assert all(0 < bpc < 9 for bpc in results[split].values())
+        tokens = load_split(data_dir, split, ByteTokenizer())
+        assert results["n_bytes"][split] == len(tokens) - 1  # every byte but the first is scored
+
+    # The exported plain models rebuild without late-phase code and give the reported numbers.
+    valid = load_split(data_dir, "valid", ByteTokenizer())
+    for kind in ("averaged", "swa"):
+        model = load_exported(out / "final" / kind)
+        assert not any("factors" in name for name, _ in model.named_parameters())
+        result = evaluate_bpc(model, valid, family="lstm", batch_size=4, seq_len=16)
+        assert result.bpc == pytest.approx(results["valid"][kind], abs=1e-9)
+    assert (out / "final" / "members.safetensors").is_file()
+
+
+def _resume_from(reference_run: Path, tmp_path: Path, data_dir: Path, step: int) -> Path:
+    """A copy of the reference run that stopped at `step`, resumed to the end."""
+    out = tmp_path / f"resumed_from_{step}"
+    shutil.copytree(reference_run, out)
+    for path in list_checkpoints(out):
+        if int(path.name.removeprefix("step_")) > step:
+            shutil.rmtree(path)
+    shutil.rmtree(out / "final")
+    (out / "results.json").unlink()
+    torch.manual_seed(1234)  # the resumed run must not depend on the RNG state it starts with
+    Trainer(tiny_config(out, data_dir), resume=True).fit()
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    for name in ("checkpoints/step_0000012/model.safetensors", "final/averaged/model.safetensors",
+                 "final/swa/model.safetensors", "final/members.safetensors"):
+        wa, wb = weights(a / name), weights(b / name)
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            assert torch.equal(wa[key], wb[key]), f"{name}: {key} differs"
+    assert json.loads((a / "results.json").read_text()) == json.loads((b / "results.json").read_text())
+
+
+@pytest.mark.parametrize("step", [4, 8], ids=["before_T0", "mid_member_cycle"])
+def test_resume_is_bitwise_identical(reference_run, tmp_path, data_dir, step):
+    resumed = _resume_from(reference_run, tmp_path, data_dir, step)
+    assert_same_run(reference_run, resumed)
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 6, 8, 12]  # lines past the checkpoint were dropped and written again
+
+
+CRASHING_RUN = """
+import os, sys
+from accelerate import Accelerator
+sys.path.insert(0, {repo!r})
+import train_lm
+
+save_state = Accelerator.save_state
+calls = []
+
+def save_state_then_die(self, output_dir, **kwargs):
+    calls.append(output_dir)
+    save_state(self, output_dir, **kwargs)
+    if len(calls) == 2:  # the second checkpoint: Accelerate's files are written, ours are not
+        os._exit(3)
+
+Accelerator.save_state = save_state_then_die
+sys.exit(train_lm.main(sys.argv[1:]))
+"""
+
+
+def test_killed_during_checkpoint_write_leaves_previous_checkpoint_resumable(reference_run, tmp_path, data_dir):
+    out = tmp_path / "crashed"
+    script = tmp_path / "crashing_run.py"
+    script.write_text(CRASHING_RUN.format(repo=str(REPO)))
+    proc = subprocess.run([sys.executable, str(script), "--config", str(SMOKE), *tiny_args(out, data_dir)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert latest_checkpoint(out).name == "step_0000004"
+    assert [p.name for p in (out / "checkpoints").iterdir()] != ["step_0000004"]  # the torn write is there
+    Trainer(tiny_config(out, data_dir), resume=True).fit()
+    assert_same_run(reference_run, out)
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_two_processes_match_one(reference_run, tmp_path, data_dir):
+    out = tmp_path / "two_processes"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_lm.py"),
+         "--config", str(SMOKE), *tiny_args(out, data_dir)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints" / "step_0000012").glob("process_*.pt")) == [
+        "process_0.pt", "process_1.pt"]
+    for name in ("final/averaged/model.safetensors", "final/swa/model.safetensors"):
+        one, two = weights(reference_run / name), weights(out / name)
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5)
+    one, two = (json.loads((d / "results.json").read_text()) for d in (reference_run, out))
+    for split in ("valid", "test"):
+        for kind, bpc in one[split].items():
+            assert two[split][kind] == pytest.approx(bpc, abs=1e-5)
+
+
+def test_plain_training_equals_a_hand_written_loop(tmp_path, data_dir):
+    """Plain mode, clipping and warmup through the trainer == a minimal PyTorch loop on the same streams."""
+    from data.batches import StreamBatches
+    from lm.config import LatePhaseConfig
+    from lm.models import build_model
+
+    steps = 5
+    cfg = tiny_config(tmp_path / "plain", data_dir, "late_phase.mode=plain", "swa.enabled=false",
+                      f"train.max_steps={steps}", "train.grad_clip=0.05", "train.warmup_steps=3",
+                      "train.weight_decay=0.01")
+    trainer = Trainer(cfg)
+    for _ in range(steps):
+        trainer.train_step()
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, LatePhaseConfig(mode="plain")).double()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.01)
+    batches = StreamBatches(load_split(data_dir, "train", ByteTokenizer()), 4, 16)
+    state = None
+    for step in range(steps):
+        inputs, targets, reset = next(batches)
+        state = None if reset else state
+        logits, state = model(inputs, state)
+        state = tuple(s.detach() for s in state)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.train.lr * min(1.0, (step + 1) / 3)
+        optimizer.step()
+        optimizer.zero_grad()
+    for (name, ours), reference in zip(trainer.unwrapped.named_parameters(), model.parameters()):
+        torch.testing.assert_close(ours.double(), reference, rtol=0, atol=2e-5, msg=name)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, data_dir):
+    runs = {}
+    for accum in (1, 2):
+        GradientState._reset_state()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        cfg = tiny_config(tmp_path / f"accum{accum}", data_dir, f"train.grad_accum={accum}")
+        trainer = Trainer(cfg)
+        for _ in range(8):  # crosses T0=6: tied steps, spawn, sequential member steps
+            trainer.train_step()
+        runs[accum] = dict(trainer.unwrapped.named_parameters())
+    for name, p in runs[1].items():
+        torch.testing.assert_close(runs[2][name], p, rtol=0, atol=1e-5, msg=name)
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, data_dir):
+    out = tmp_path / "diverged"
+    trainer = Trainer(tiny_config(out, data_dir))
+    # From step 6 on the decoder emits NaN, as a diverged model would.
+    trainer.unwrapped.decoder.register_forward_hook(lambda module, args, output: output * math.nan if trainer.step >= 5 else None)
+    with pytest.raises(TrainingError, match=r"non-finite between steps 5 and 8.*step_0000004.*--resume"):
+        trainer.fit()
+    assert latest_checkpoint(out).name == "step_0000004"
+    assert all(torch.isfinite(t).all() for t in weights(out / "checkpoints/step_0000004/model.safetensors").values())
+    assert not (out / "final").exists()
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    code = train_lm.main(list(argv))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, key", [
+    ("late_phase.K=0", "late_phase.K"),
+    ("late_phase.T0=12", "late_phase.T0"),
+    ("train.batch_size=5", "train.batch_size"),  # 5 streams cannot be split in 2 accumulation steps
+    ("train.learning_rate=0.1", "train.learning_rate"),
+    ("train.max_steps=many", "train.max_steps"),
+])
+def test_bad_config_is_rejected_before_any_work(capsys, tmp_path, data_dir, override, key):
+    out = tmp_path / "never"
+    code, err = run_cli(capsys, "--config", str(SMOKE), *tiny_args(out, tmp_path / "no_data"), "train.grad_accum=2", override)
+    assert code == 2
+    assert err.startswith(f"error: {key}") and err.count("\n") == 1
+    assert not out.exists() and not (tmp_path / "no_data").exists()
+
+
+def test_missing_data_and_checkpoint_problems_are_one_line_errors(capsys, tmp_path, data_dir, reference_run, monkeypatch):
+    out = tmp_path / "never"
+    code, err = run_cli(capsys, "--config", str(SMOKE), *tiny_args(out, tmp_path / "empty"), "data.corpus=prepared")
+    assert code == 2 and "data.prepare" in err and err.count("\n") == 1 and not out.exists()
+
+    from data.prepare import DataError
+
+    def unreachable(out_dir, source=None):
+        raise DataError("cannot reach http://mattmahoney.net/dc/enwik8.zip (no network)")
+
+    monkeypatch.setattr("lm.trainer.prepare_enwik8", unreachable)
+    code, err = run_cli(capsys, f"run.out_dir={out}", f"data.dir={tmp_path / 'enwik8'}")
+    assert code == 2 and "data.source=PATH" in err and "configs/smoke.yaml" in err and not out.exists()
+
+    code, err = run_cli(capsys, "--config", str(SMOKE), *tiny_args(out, data_dir), "--resume")
+    assert code == 2 and "no checkpoint" in err and not out.exists()
+
+    code, err = run_cli(capsys, "--config", str(SMOKE), *tiny_args(reference_run, data_dir))
+    assert code == 2 and "--resume" in err
+
+
+def test_help_lists_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        train_lm.main(["--help"])
+    assert info.value.code == 0
+    assert "--resume" in capsys.readouterr().out
