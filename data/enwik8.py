@@ -88,7 +88,10 @@ def _check_sha256(actual: str, expected: str, what: str) -> None:
 
 
 def _download_and_read(url: str, out_dir: Path, sha256: str) -> bytes:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create {out_dir}: {e.strerror or e}; choose another --out") from None
     partial = out_dir / f"enwik8.zip.download-{os.getpid()}"
     try:
         actual = _download(url, partial)

@@ -226,6 +226,9 @@ def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = N
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file system problem no step above anticipated (permissions, ...)
+        print(f"error: {e.filename or ''}: {e.strerror or e}; check the paths and permissions", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("error: interrupted; no partial files were left behind, run the command again", file=sys.stderr)
         return 130

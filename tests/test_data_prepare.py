@@ -133,3 +133,12 @@ def test_cli_help_success_and_one_line_error(tmp_path, corpus, capsys):
     assert run_cli(prepare._main, ["--source", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "missing" in err
+
+
+def test_cli_turns_unexpected_file_system_errors_into_one_line(capsys):
+    def main(argv):
+        raise PermissionError(13, "Permission denied", "/data/enwik8/train.bin")
+
+    assert run_cli(main, []) == 2
+    err = capsys.readouterr().err
+    assert err == "error: /data/enwik8/train.bin: Permission denied; check the paths and permissions\n"
