@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ def evaluate_bpc(
     byte_lengths: np.ndarray | None = None,
     accelerator=None,
     max_tokens: int | None = None,
-    progress: bool = False,
+    progress: str | None = None,
 ) -> EvalResult:
     """Score every target of `data` (token ids) once and return the bits per byte.
 
@@ -60,6 +61,7 @@ def evaluate_bpc(
     that advance by `stride`. `byte_lengths[token]` is the number of bytes a token stands for
     (None: one byte each). With an `accelerator`, this process scores its share of the split
     and the returned totals are those of the whole split, identical on every process.
+    `progress`: the label of a tqdm bar on the main process (None: no bar).
     """
     rank, world_size = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
     if accelerator is not None:
@@ -73,10 +75,10 @@ def evaluate_bpc(
     n_tokens = len(data) if max_tokens is None else min(len(data), max_tokens)
     bar = tqdm(
         total=count_scored(n_tokens) // world_size,
-        desc=f"eval {member}",
+        desc=progress,
         unit="tok",
         unit_scale=True,
-        disable=not progress or rank != 0,
+        disable=progress is None or rank != 0,
         leave=False,
     )
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, bytes, targets
@@ -193,14 +195,25 @@ def _available_kinds(source: ModelSource) -> list[str]:
     return kinds
 
 
-def _load_members(source: ModelSource) -> nn.Module:
+def _load_model(source: ModelSource, kind: str) -> nn.Module:
+    """The plain exported model of `kind`, or (kind "ensemble"/"members") the model with all members."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    from lm.models import build_model
+    from lm.models import ExportError, build_model, load_exported
 
-    model = build_model(source.cfg.model, source.cfg.late_phase)
-    load_model(model, str(source.members))
-    return model
+    try:
+        if kind in source.exported:
+            return load_exported(source.exported[kind])
+        model = build_model(source.cfg.model, source.cfg.late_phase)
+        load_model(model, str(source.members))
+        return model
+    except ExportError as e:
+        raise EvalError(str(e)) from None
+    except (SafetensorError, RuntimeError) as e:
+        where = source.exported.get(kind, source.members)
+        first_line = str(e).strip().splitlines()[0]
+        raise EvalError(f"cannot load the {kind} model from {where} ({first_line}); re-export it") from None
 
 
 def _token_limit(data: np.ndarray, byte_lengths: np.ndarray, max_bytes: int | None) -> int | None:
@@ -257,41 +270,35 @@ def evaluate_run(
         )
     tokenizer = load_tokenizer(data_path, cfg.data.tokenizer, cfg.data.sp_vocab_size)
     data = load_split(data_path, split, tokenizer)
+    context = cfg.eval.context if context is None else context
+    if cfg.model.family == "transformer" and context > cfg.model.max_seq_len:
+        raise EvalError(f"--context {context} is longer than the model's max_seq_len {cfg.model.max_seq_len}; "
+                        "pass a shorter --context")
     geometry = dict(
         family=cfg.model.family,
-        batch_size=batch_size or cfg.eval.batch_size,
+        batch_size=cfg.eval.batch_size if batch_size is None else batch_size,
         seq_len=cfg.train.seq_len,
-        context=context or cfg.eval.context,
-        stride=stride or cfg.eval.stride,
+        context=context,
+        stride=cfg.eval.stride if stride is None else stride,
         byte_lengths=tokenizer.byte_lengths,
         max_tokens=_token_limit(data, tokenizer.byte_lengths, max_bytes),
         accelerator=accelerator,
-        progress=progress,
     )
-    world_size = 1 if accelerator is None else accelerator.num_processes
-    if geometry["batch_size"] % world_size:
-        raise EvalError(
-            f"eval batch size {geometry['batch_size']} is not divisible by {world_size} processes: "
-            "pass --batch-size with a multiple of the process count"
-        )
     device = torch.device("cpu") if accelerator is None else accelerator.device
 
     results: dict[str, EvalResult] = {}
     for kind in wanted:
+        model = _load_model(source, kind).to(device)
         if kind in source.exported:
-            from lm.models import load_exported
-
-            model = load_exported(source.exported[kind]).to(device)
-            results[kind] = evaluate_bpc(model, data, member=0, **geometry)
+            rows = {kind: 0}
+        elif kind == "ensemble":
+            rows = {kind: "ensemble"}
         else:
             from lm.late_phase import num_members
 
-            model = _load_members(source).to(device)
-            if kind == "ensemble":
-                results[kind] = evaluate_bpc(model, data, member="ensemble", **geometry)
-            else:
-                for k in range(num_members(model)):
-                    results[f"member_{k}"] = evaluate_bpc(model, data, member=k, **geometry)
+            rows = {f"member_{k}": k for k in range(num_members(model))}
+        for name, member in rows.items():
+            results[name] = evaluate_bpc(model, data, member=member, progress=name if progress else None, **geometry)
     return results, notes
 
 
@@ -302,11 +309,21 @@ def format_table(results: dict[str, EvalResult]) -> str:
     return "\n".join(lines)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lm.evaluate",
         description="Bits per character of a trained run's models over a whole split (every byte scored once, "
-        "except the first, which has no context). Runs under accelerate launch / torchrun too.",
+        "except the first, which has no context).",
+        epilog="Several processes share the split and give the same totals as one: "
+        "torchrun --nproc_per_node N -m lm.evaluate -- --run DIR (torchrun needs the -- before --run), "
+        "or accelerate launch -m lm.evaluate --run DIR.",
     )
     parser.add_argument("--run", required=True, type=Path, help="run out_dir (with final/) or an exported model dir")
     parser.add_argument("--split", default="valid", choices=("valid", "test"), help="split to score (default valid)")
@@ -316,11 +333,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated kinds from {','.join(MODEL_KINDS)} (default: those of "
         f"{','.join(DEFAULT_KINDS)} that the run has; members = each member separately)",
     )
-    parser.add_argument("--max-bytes", type=int, default=None, help="score only the first N bytes of the split")
+    parser.add_argument("--max-bytes", type=_positive_int, default=None, help="score only the first N bytes of the split")
     parser.add_argument("--data-dir", default=None, help="prepared data directory (default: the run's data.dir)")
-    parser.add_argument("--batch-size", type=int, default=None, help="streams/windows per batch (default eval.batch_size)")
-    parser.add_argument("--context", type=int, default=None, help="Transformer window length (default eval.context)")
-    parser.add_argument("--stride", type=int, default=None, help="Transformer window stride (default eval.stride)")
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="streams/windows per batch, over all processes (default eval.batch_size)")
+    parser.add_argument("--context", type=_positive_int, default=None,
+                        help="Transformer window length (default eval.context)")
+    parser.add_argument("--stride", type=_positive_int, default=None,
+                        help="Transformer window stride, <= context (default eval.stride)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
 
@@ -329,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     from data.prepare import DataError
     from lm.config import ConfigError
 
-    accelerator = Accelerator()
+    # Without CUDA, Accelerate forms a (gloo) process group under torchrun only when told it runs on CPU.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(cpu=launched and not torch.cuda.is_available())
     try:
         kinds = None if args.models is None else [k.strip() for k in args.models.split(",") if k.strip()]
         results, notes = evaluate_run(

@@ -278,3 +278,131 @@ def test_two_processes_give_the_same_totals_as_one(tmp_path):
         multi = EvalResult(**report["results"][name])
         assert (multi.n_bytes, multi.n_targets) == (single.n_bytes, single.n_targets), name
         assert multi.bpc == pytest.approx(single.bpc, abs=1e-6), name
+
+
+# --------------------------------------------------------------------------- CLI on run / exported dirs
+
+
+def make_run_dir(root: Path, *, swa: bool = True, family: str = "lstm") -> tuple[Path, dict]:
+    """A finished run as train_lm.py leaves it (config.yaml, final/ with averaged, members, swa),
+    built from lm.models directly with random member factors; returns the models by kind too."""
+    import yaml
+    from safetensors.torch import save_model
+
+    from data.synthetic import prepare_synthetic
+    from lm.config import config_to_dict, load_config
+    from lm.late_phase import average_members, spawn_members
+    from lm.models import build_model, export
+
+    data_dir = prepare_synthetic(root / "data", 24_000, seed=11)
+    overrides = [f"data.dir={data_dir}", "late_phase.K=3", f"swa.enabled={str(swa).lower()}", "eval.batch_size=4",
+                 f"model.family={family}", "model.d_model=16", "model.n_heads=2", "model.n_layers=1",
+                 "model.max_seq_len=64", "train.seq_len=32", "eval.context=32", "eval.stride=16"]
+    cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
+    run = root / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    torch.manual_seed(12)
+    model = build_model(cfg.model, cfg.late_phase)
+    spawn_members(model, 0.5, torch.Generator().manual_seed(13))  # members really differ
+    save_model(model, str(run / "final" / "members.safetensors"))
+    export(model, cfg, run / "final" / "averaged")
+    models = {"members": model, "averaged": average_members(model)}
+    if swa:
+        models["swa"] = build_model(cfg.model, type(cfg.late_phase)(mode="plain"))
+        export(models["swa"], cfg, run / "final" / "swa")
+    return run, models
+
+
+@pytest.fixture(autouse=True)
+def eager_rank1(request, monkeypatch):
+    """Members run through kernels.rank1_linear; its Triton kernels are tested in test_rank1, and the
+    CPU interpreter would only make these whole-split passes slow, so the CLI tests use its eager path."""
+    if "cli" in request.node.name:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_run_dir(tmp_path_factory.mktemp("run"))
+
+
+def direct(run: Path, model: nn.Module, member, split: str = "valid", max_tokens=None) -> EvalResult:
+    from data.tokenizer import load_split, load_tokenizer
+    from lm.config import load_config
+
+    cfg = load_config(run / "config.yaml")
+    data = load_split(cfg.data.dir, split, load_tokenizer(cfg.data.dir))
+    return evaluate_bpc(model, data, family=cfg.model.family, member=member, batch_size=cfg.eval.batch_size,
+                        seq_len=cfg.train.seq_len, context=cfg.eval.context, stride=cfg.eval.stride,
+                        max_tokens=max_tokens)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    from lm.evaluate import main
+
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_scores_each_kind_of_a_run_with_its_own_model(run_dir, capsys):
+    run, models = run_dir
+    code, out, _ = run_cli(["--run", str(run), "--json"], capsys)
+    assert code == 0
+    report = json.loads(out)["results"]
+    assert list(report) == ["averaged", "ensemble", "swa"]
+    expected = {"averaged": direct(run, models["averaged"], 0), "ensemble": direct(run, models["members"], "ensemble"),
+                "swa": direct(run, models["swa"], 0)}
+    n_valid = len(np.fromfile(run.parent / "data" / "valid.bin", dtype=np.uint8))
+    for kind, result in expected.items():
+        assert report[kind]["bpc"] == pytest.approx(result.bpc, abs=1e-9)
+        assert report[kind]["n_bytes"] == n_valid - 1
+    assert len({round(r["bpc"], 6) for r in report.values()}) == 3  # three different models
+
+    code, out, _ = run_cli(["--run", str(run), "--models", "members", "--split", "test", "--max-bytes", "700"], capsys)
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert "699 bytes scored" in lines[0]
+    assert [line.split()[0] for line in lines[2:]] == ["member_0", "member_1", "member_2"]
+    for k, line in enumerate(lines[2:]):
+        bpc, scored = line.split()[1:]
+        assert float(bpc) == pytest.approx(direct(run, models["members"], k, "test", 700).bpc, abs=1e-4)
+        assert scored == "699"
+
+
+def test_cli_on_an_exported_directory(run_dir, capsys):
+    run, models = run_dir
+    code, out, _ = run_cli(["--run", str(run / "final" / "averaged"), "--json"], capsys)
+    assert code == 0
+    report = json.loads(out)["results"]
+    assert list(report) == ["averaged"]
+    assert report["averaged"]["bpc"] == pytest.approx(direct(run, models["averaged"], 0).bpc, abs=1e-9)
+
+
+def test_cli_transformer_run_without_swa_notes_the_missing_kind(tmp_path, capsys):
+    run, models = make_run_dir(tmp_path, swa=False, family="transformer")
+    code, out, err = run_cli(["--run", str(run), "--max-bytes", "500"], capsys)
+    assert code == 0
+    assert "note: no swa model" in err
+    rows = {line.split()[0]: float(line.split()[1]) for line in out.strip().splitlines()[2:]}
+    assert rows.keys() == {"averaged", "ensemble"}
+    assert rows["ensemble"] == pytest.approx(direct(run, models["members"], "ensemble", max_tokens=500).bpc, abs=1e-4)
+    code, _, err = run_cli(["--run", str(run), "--models", "averaged,swa"], capsys)
+    assert code == 2 and err.startswith("error: --models swa") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_run", "bad_kind", "bad_data_dir", "corrupt_weights"])
+def test_cli_errors_are_one_line(run_dir, tmp_path, capsys, case):
+    run, _ = run_dir
+    if case == "corrupt_weights":
+        (tmp_path / "config.json").write_text((run / "final" / "averaged" / "config.json").read_text())
+        (tmp_path / "model.safetensors").write_bytes(os.urandom(64))
+    args = {"missing": ["--run", str(tmp_path / "nope")],
+            "not_a_run": ["--run", str(tmp_path)],
+            "bad_kind": ["--run", str(run), "--models", "averaged,best"],
+            "bad_data_dir": ["--run", str(run), "--data-dir", str(tmp_path)],
+            "corrupt_weights": ["--run", str(tmp_path)]}[case]
+    code, out, err = run_cli(args, capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1

@@ -1,0 +1,185 @@
+"""Training throughput: our step against a minimal PyTorch loop (`python -m lm.bench_train`).
+
+For one config, in one process, on one device, times
+- the minimal loop a reader would write by hand for the PLAIN model: forward, cross-entropy,
+  backward, gradient clipping (when configured), Adam step, on the same batches;
+- `Trainer.train_step` on the plain model (the stack's overhead over the minimal loop);
+- for a rank1 / late_phase config, `Trainer.train_step` in that mode, with the late phase already
+  running (T0 moved inside the warm-up), for late_phase in both schedules.
+chars/s = bytes of the targets consumed / wall seconds, over the timed steps only (warm-up
+steps excluded); the best of `--repeats` rounds is reported, the variants taking turns so
+that load from elsewhere on the machine hits them alike.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.batches import StreamBatches, WindowBatches
+from data.prepare import DataError
+from lm.config import Config, ConfigError, load_config
+from lm.models import build_model, detach_state
+
+
+def chars_per_second(step: Callable[[], int], steps: int, device: torch.device) -> float:
+    """Bytes per second over `steps` calls of `step` (each returns the bytes it trained on)."""
+    _synchronize(device)
+    start = time.perf_counter()
+    n_bytes = sum(step() for _ in range(steps))
+    _synchronize(device)
+    return n_bytes / (time.perf_counter() - start)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class MinimalLoop:
+    """The hand-written reference loop for cfg's model in plain mode; each call is one step."""
+
+    def __init__(self, cfg: Config, train_split: np.ndarray, byte_lengths: np.ndarray, device: torch.device):
+        t = cfg.train
+        self.cfg, self.device, self.byte_lengths = cfg, device, byte_lengths
+        torch.manual_seed(t.seed)
+        self.model = build_model(cfg.model, type(cfg.late_phase)(mode="plain")).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        if cfg.model.family == "lstm":
+            self.batches = StreamBatches(train_split, t.batch_size, t.seq_len)
+        else:
+            self.batches = WindowBatches(train_split, t.batch_size, t.seq_len, t.seed)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision)
+        self.state = None
+
+    def __call__(self) -> int:
+        batch = next(self.batches)
+        if batch.reset:
+            self.state = None
+        inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            logits, state = self.model(inputs, self.state)
+        self.state = detach_state(state)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        return int(self.byte_lengths[batch.targets.numpy()].sum())
+
+
+def variants(cfg: Config) -> dict[str, Config]:
+    """The configs to time with Trainer.train_step: plain, and the config's own mode/schedules.
+
+    The parallel schedule needs batches of a multiple of K sequences: when the config's batch is
+    not, it runs on the largest batch that is (its cost is compared per byte, so that stays fair)."""
+    plain = copy.deepcopy(cfg)
+    plain.late_phase.mode = "plain"
+    out = {"plain": plain}
+    lp = cfg.late_phase
+    if lp.mode == "rank1":
+        out["rank1"] = copy.deepcopy(cfg)
+    elif lp.mode == "late_phase":
+        for schedule in ("sequential", "parallel"):
+            late = copy.deepcopy(cfg)
+            late.late_phase.schedule = schedule
+            late.late_phase.T0 = 1  # members spawn during the warm-up: the late phase is what gets timed
+            label = f"late_phase {schedule} (K={lp.K})"
+            multiple = lp.K * cfg.train.grad_accum
+            if schedule == "parallel" and cfg.train.batch_size % multiple and cfg.train.batch_size > multiple:
+                late.train.batch_size -= cfg.train.batch_size % multiple
+                label += f", batch {late.train.batch_size}"
+            out[label] = late
+    for variant in out.values():
+        variant.swa.enabled = False  # SWA snapshots are taken by fit(), not by train_step
+    return out
+
+
+def bench(cfg: Config, steps: int, warmup: int, repeats: int) -> tuple[dict[str, float], list[str], torch.device]:
+    """chars/s of the minimal loop and of every variant (best of `repeats` rounds), notes, the device."""
+    from lm.trainer import Trainer, make_accelerator
+
+    accelerator = make_accelerator(cfg)
+    notes = []
+    steppers: dict[str, Callable[[], int]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
+        for i, (name, variant) in enumerate(variants(cfg).items()):
+            variant.run.out_dir = str(Path(tmp) / f"run{i}")
+            try:
+                trainer = Trainer(variant, accelerator)
+            except ConfigError as e:
+                notes.append(f"{name} skipped: {e}")
+                continue
+            steppers[name] = trainer.train_step
+            if name == "plain":
+                steppers = {"minimal loop (plain)": MinimalLoop(
+                    variant, trainer.splits["train"], trainer.byte_lengths, accelerator.device), **steppers}
+        for step in steppers.values():
+            for _ in range(warmup):
+                step()
+        best = {name: 0.0 for name in steppers}
+        for _ in range(repeats):
+            for name, step in steppers.items():
+                best[name] = max(best[name], chars_per_second(step, steps, accelerator.device))
+    return best, notes, accelerator.device
+
+
+def format_report(results: dict[str, float]) -> str:
+    minimal, plain = results.get("minimal loop (plain)"), results.get("plain")
+    width = max(len(name) for name in results) + len("ours: ")
+    lines = []
+    for name, speed in results.items():
+        label, ratio = name, ""
+        if name == "plain":
+            label, ratio = "ours: plain", f"{speed / minimal:.3f}x the minimal loop"
+        elif name != "minimal loop (plain)":
+            label = f"ours: {name}"
+            if "parallel" in name:
+                ratio = f"cost per byte {plain / speed:.3f}x plain"
+            else:
+                ratio = f"{speed / plain:.3f}x plain"
+        lines.append(f"{label:<{width}}  {speed:>12,.0f} chars/s  {ratio}".rstrip())
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lm.bench_train",
+        description="chars/s of our training step (Trainer.train_step) next to a minimal hand-written PyTorch "
+        "loop for the same plain model and batches, in the same process; for rank1/late_phase configs also "
+        "that mode's chars/s against plain (late_phase: sequential ratio, parallel cost per byte).",
+    )
+    parser.add_argument("--config", required=True, help="configs/NAME.yaml")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per round (default 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5; late_phase spawns at 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; the fastest is reported (default 3)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    args = parser.parse_args(argv)
+    try:
+        if min(args.steps, args.repeats) < 1 or args.warmup < 2:
+            raise ConfigError("--steps and --repeats must be >= 1 and --warmup >= 2 (the late phase starts at step 1)")
+        cfg = load_config(args.config, args.overrides)
+        results, notes, device = bench(cfg, args.steps, args.warmup, args.repeats)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t = cfg.train
+    print(f"{args.config}: {cfg.model.family}, batch {t.batch_size} x {t.seq_len} tokens, {device}, "
+          f"torch {torch.__version__}; {args.warmup} warm-up steps, best of {args.repeats} x {args.steps} steps")
+    print(format_report(results))
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""lm.bench_train: runs both loops and reports both numbers (no timing assertions)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import lm.bench_train as bench_train
+from lm.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+
+
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    return [f"data.dir={tmp_path / 'data'}", "data.synthetic_bytes=60000", "train.batch_size=8",
+            "train.seq_len=16", "model.embed_dim=8", "model.hidden_size=16", "late_phase.K=3"]
+
+
+def test_cli_prints_minimal_loop_ours_and_late_phase_numbers(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels are tested in test_rank1; here only the loop runs
+    code = bench_train.main(["--config", SMOKE, "--steps", "2", "--warmup", "2", "--repeats", "1",
+                             *tiny_overrides(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = dict(re.findall(r"^(.+?)\s+([\d,]+) chars/s", out, flags=re.M))
+    assert set(rows) == {"minimal loop (plain)", "ours: plain", "ours: late_phase sequential (K=3)",
+                         "ours: late_phase parallel (K=3), batch 6"}
+    assert all(int(v.replace(",", "")) > 0 for v in rows.values())
+    assert re.search(r"ours: plain .* [\d.]+x the minimal loop", out)
+    assert re.search(r"sequential .* [\d.]+x plain", out)
+    assert re.search(r"parallel .* cost per byte [\d.]+x plain", out)
+
+
+def test_chars_per_second_is_bytes_over_wall_time(monkeypatch):
+    clock = iter([10.0, 12.5])
+    monkeypatch.setattr(bench_train.time, "perf_counter", lambda: next(clock))
+    sizes = iter([300, 200, 500])
+    assert bench_train.chars_per_second(lambda: next(sizes), 3, bench_train.torch.device("cpu")) == 1000 / 2.5
+
+
+def test_variants_time_the_late_phase_itself(tmp_path):
+    cfg = load_config(SMOKE, tiny_overrides(tmp_path) + ["train.batch_size=10", "swa.enabled=true"])
+    variants = bench_train.variants(cfg)
+    assert list(variants) == ["plain", "late_phase sequential (K=3)", "late_phase parallel (K=3), batch 9"]
+    assert variants["plain"].late_phase.mode == "plain"
+    for name, variant in variants.items():
+        assert not variant.swa.enabled
+        if name != "plain":
+            assert variant.late_phase.T0 == 1 and variant.late_phase.schedule in name
+    assert cfg.late_phase.mode == "late_phase" and cfg.train.batch_size == 10  # the input is not changed
+
+
+def test_minimal_loop_is_the_trainers_plain_step_written_by_hand(tmp_path, monkeypatch):
+    """Same model, batches and update: after a few steps both hold the same weights, so the
+    benchmark compares the same work."""
+    from lm.trainer import Trainer
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cfg = bench_train.variants(load_config(SMOKE, tiny_overrides(tmp_path)))["plain"]
+    cfg.run.out_dir = str(tmp_path / "run")
+    trainer = Trainer(cfg)
+    minimal = bench_train.MinimalLoop(cfg, trainer.splits["train"], trainer.byte_lengths, trainer.accelerator.device)
+    initial = {name: w.clone() for name, w in minimal.model.state_dict().items()}
+    assert [minimal() for _ in range(4)] == [trainer.train_step() for _ in range(4)] == [8 * 16] * 4
+    ours = trainer.unwrapped.state_dict()
+    for name, weight in minimal.model.state_dict().items():
+        assert not torch.equal(weight, initial[name]), name
+        torch.testing.assert_close(weight, ours[name], msg=name)
+
+
+def test_bad_config_is_one_line_error(tmp_path, capsys):
+    assert bench_train.main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        bench_train.main([])
