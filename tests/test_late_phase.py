@@ -435,3 +435,22 @@ def test_rank1_equals_late_phase_before_T0():
         torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(rank1(x, None, 0)[0], late(x, None, 0)[0], rtol=1e-5, atol=1e-6)
     assert not math.isclose(late_phase_parameters(late)[0][0, 0].item(), 1.0)
+
+
+def test_clipping_groups_follow_the_schedule():
+    K = 2
+    model = build_model(TINY["lstm"], LatePhaseConfig(mode="late_phase", K=K))
+    shared_opt, member_opt = build_optimizers(model, TrainConfig(lr=0.01), LatePhaseConfig(K=K))
+    calls = []
+    stepper = LatePhaseStepper(model, MemberSchedule(K, 1, "sequential"), shared_opt, member_opt,
+                               clip=lambda ps: calls.append({id(p) for p in ps}))
+    shared = {id(p) for p in shared_parameters(model)}
+    members = {id(p) for p in late_phase_parameters(model)}
+    expected = [[shared | members], [members], [members, shared], [members]]  # steps 0 (tied), 1, 2, 3
+    for t, want in enumerate(expected):
+        calls.clear()
+        x = torch.randint(0, 256, (2, 5))
+        loss_of(model, x, x.roll(1, 1), stepper.schedule.member(t)).backward()
+        stepper.after_backward(t)
+        assert calls == want, t
+    assert stepper.pending == 1 and all(p.grad is not None for p in shared_parameters(model))
