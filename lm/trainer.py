@@ -75,8 +75,10 @@ def prepare_data(cfg: Config) -> Path:
         except DataError as e:
             if source is not None:
                 raise
+            # data.enwik8's own hints name its CLI's flags; here the fix is a config key.
+            cause = str(e).split(";")[0]
             raise DataError(
-                f"enwik8 is not prepared in {data_dir} and could not be downloaded ({e}); pass a local copy "
+                f"enwik8 is not prepared in {data_dir} and could not be downloaded ({cause}); pass a local copy "
                 f"with data.source=PATH (enwik8.zip or the extracted file), or train offline on the synthetic "
                 f"corpus: python train_lm.py --config configs/smoke.yaml"
             ) from None
