@@ -29,11 +29,14 @@ DTYPES = ("fp32", "bf16")
 FLAGS = {"HAS_BIAS": True, "DOT_PRECISION": "tf32", "UPCAST": False}
 # Buffers the dW kernel accumulates into with float32 atomics, whatever the input dtype.
 FLOAT32_OUTPUTS = {"dw_ptr", "dr_ptr", "ds_ptr", "db_ptr"}
-# Strides of the innermost dimension: 1 for contiguous tensors, which the JIT specialises
-# into a constant, as here.
+# The launch being mirrored: contiguous tensors whose sizes are multiples of 16 (d_model 512,
+# 4H = 2000, ...). The JIT turns an int argument equal to 1 into a constant (the innermost
+# strides) and marks ints divisible by 16 and all pointers as 16-divisible; without those
+# hints the loads are not vectorised and the main loop is not software-pipelined.
 UNIT_STRIDES = {
     "stride_xd", "stride_wd", "stride_rn", "stride_sd", "stride_bn", "stride_yn", "stride_dyn", "stride_dxd",
 }
+DIVISIBLE_INTS = {"M", "N", "D"}
 
 
 @dataclass
@@ -46,6 +49,7 @@ class CompileResult:
     shared_bytes: int = 0
     fits: bool = False
     wgmma: bool = False
+    pipelined: bool = False  # the main loop's loads use cp.async (asynchronous global-to-shared copies)
     error: str = ""
 
 
@@ -84,7 +88,7 @@ def _source(fn, config, dtype: str):
             attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
-            if name.startswith("stride_"):
+            if name.startswith("stride_") or name in DIVISIBLE_INTS:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
@@ -110,6 +114,7 @@ def compile_one(kernel: str, config_index: int, dtype: str, arch: int) -> Compil
     result.shared_bytes = int(compiled.metadata.shared)
     result.fits = result.shared_bytes <= SHARED_MEMORY_LIMIT[arch]
     result.wgmma = "wgmma" in compiled.asm["ptx"]
+    result.pipelined = "cp.async" in compiled.asm["ptx"]
     return result
 
 
@@ -154,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     results = run_checks(args.arch, args.jobs)
-    print(f"{'kernel':8} {'config':24} {'dtype':5} {'arch':6} {'result':8} {'smem KiB':>8} {'fits':5} wgmma")
+    print(f"{'kernel':8} {'config':24} {'dtype':5} {'arch':6} {'result':8} {'smem KiB':>8} {'fits':5} {'wgmma':5} cp.async")
     for r in results:
         print(f"{r.kernel:8} {r.config:24} {r.dtype:5} sm_{r.arch:<3} {'ok' if r.ok else 'FAILED':8} "
-              f"{r.shared_bytes / 1024:8.1f} {'yes' if r.fits else 'no':5} {'yes' if r.wgmma else 'no'}"
+              f"{r.shared_bytes / 1024:8.1f} {'yes' if r.fits else 'no':5} {'yes' if r.wgmma else 'no':5} "
+              f"{'yes' if r.pipelined else 'no'}"
               + (f"  {r.error}" if r.error else ""))
     if args.json:
         tmp = f"{args.json}.tmp-{os.getpid()}"

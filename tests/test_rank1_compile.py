@@ -32,6 +32,8 @@ def test_every_kernel_and_config_compiles_for_sm90_and_sm80(tmp_path):
     n_configs = len(rank1.FORWARD_CONFIGS) + len(rank1.DX_CONFIGS) + len(rank1.DW_CONFIGS)
     assert len(results) == n_configs * 2 * 2  # x (fp32, bf16) x (sm_90, sm_80)
     assert all(r["ok"] for r in results)
+    # With 16-divisible shapes every main loop is software-pipelined (cp.async copies).
+    assert all(r["pipelined"] for r in results)
     forward_bf16_sm90 = [r for r in results if (r["kernel"], r["dtype"], r["arch"]) == ("forward", "bf16", 90)]
     assert len(forward_bf16_sm90) == len(rank1.FORWARD_CONFIGS)
     assert all(r["wgmma"] for r in forward_bf16_sm90)
