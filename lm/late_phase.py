@@ -240,6 +240,7 @@ def average_members(model: nn.Module) -> nn.Module:
     """
     from lm.models import plain_like
 
+    model = getattr(model, "module", model)  # DDP / accelerate wrappers prefix every key with "module."
     plain = plain_like(model)
     plain.load_state_dict(averaged_state_dict(model))
     return plain

@@ -147,6 +147,9 @@ def test_load_exported_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match="does not match"):
         load_exported(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x08" * 20)
+    with pytest.raises(ExportError, match="not a readable safetensors"):
+        load_exported(tmp_path)
 
 
 @pytest.mark.parametrize("family", ["lstm", "transformer"])

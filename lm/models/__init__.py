@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -52,7 +53,7 @@ def build_model(model_cfg: ModelConfig, lp_cfg: LatePhaseConfig) -> nn.Module:
 
 def plain_like(model: nn.Module) -> nn.Module:
     """A fresh plain model of the same architecture (and device) as `model`."""
-    model = getattr(model, "module", model)  # DDP / accelerate wrappers
+    model = getattr(model, "module", model)
     plain = build_model(model.cfg, LatePhaseConfig(mode="plain"))
     reference = next(model.parameters())
     return plain.to(device=reference.device, dtype=reference.dtype)
@@ -113,7 +114,11 @@ def load_exported(model_dir: str | os.PathLike, device: str | torch.device = "cp
         raise ExportError(f"{config_path} is not a valid run config ({err}); re-export the model") from None
     model = build_model(cfg.model, LatePhaseConfig(mode="plain"))
     try:
-        model.load_state_dict(load_file(str(weights_path)))
+        weights = load_file(str(weights_path))
+    except SafetensorError as err:
+        raise ExportError(f"{weights_path} is not a readable safetensors file ({err}); re-export the model") from None
+    try:
+        model.load_state_dict(weights)
     except RuntimeError as err:
         first = str(err).splitlines()[1:2] or [str(err)]
         raise ExportError(f"{weights_path} does not match {config_path}: {first[0].strip()}") from None
