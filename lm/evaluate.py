@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"run": str(args.run), "split": args.split,
+        print(json.dumps({"run": str(args.run), "split": args.split, "notes": notes,
                           "results": {name: asdict(r) for name, r in results.items()}}, indent=2))
     else:
         n_bytes = next(iter(results.values())).n_bytes if results else 0

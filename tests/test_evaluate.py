@@ -221,6 +221,15 @@ def test_byte_lengths_weight_tokens_and_max_tokens_truncates():
     assert head.n_targets == 149 and head.n_bytes == int(lengths[data[1:150]].sum())
 
 
+def test_max_bytes_keeps_the_tokens_that_fit():
+    from lm.evaluate import _token_limit
+
+    lengths = np.array([1, 3, 2, 5])
+    data = np.array([1, 1, 2, 0, 3, 1])  # bytes 3, 3, 2, 1, 5, 3 -> running total 3, 6, 8, 9, 14, 17
+    assert [_token_limit(data, lengths, n) for n in (2, 3, 8, 13, 14, 100)] == [0, 1, 3, 4, 5, 6]
+    assert _token_limit(data, lengths, None) is None
+
+
 def test_evaluation_runs_in_eval_mode_and_restores_train_mode():
     model = TinyLSTM(256)
     model.train()
@@ -350,7 +359,9 @@ def test_cli_scores_each_kind_of_a_run_with_its_own_model(run_dir, capsys):
     run, models = run_dir
     code, out, _ = run_cli(["--run", str(run), "--json"], capsys)
     assert code == 0
-    report = json.loads(out)["results"]
+    report = json.loads(out)
+    assert report["notes"] == []
+    report = report["results"]
     assert list(report) == ["averaged", "ensemble", "swa"]
     expected = {"averaged": direct(run, models["averaged"], 0), "ensemble": direct(run, models["members"], "ensemble"),
                 "swa": direct(run, models["swa"], 0)}
