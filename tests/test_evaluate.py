@@ -71,12 +71,13 @@ def unique_tokens(n: int, vocab: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(vocab)[:n].astype(np.uint16)
 
 
-def float64_nats(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, member) -> torch.Tensor:
-    """-log p(target) per position, from a float64 copy of the model on one sequence (1, T)."""
+def float64_nats(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, member, members: int = 1):
+    """-log p(target) per position, from a float64 copy of the model on one sequence (1, T);
+    member "ensemble": log of the mean of the `members` members' probabilities, each run on its own."""
     ref = copy.deepcopy(model).double()
     if member == "ensemble":
-        logits, _ = ref(inputs, member="all")
-        log_p = torch.logsumexp(torch.log_softmax(logits, -1), dim=0) - math.log(logits.shape[0])
+        log_ps = torch.stack([torch.log_softmax(ref(inputs, member=k)[0], -1) for k in range(members)])
+        log_p = torch.logsumexp(log_ps, dim=0) - math.log(members)
     else:
         logits, _ = ref(inputs, member=member)
         log_p = torch.log_softmax(logits, -1)
@@ -194,6 +195,23 @@ def test_ensemble_is_log_of_mean_member_probabilities():
         assert m.nats == pytest.approx(float64_nats(model, seq[None, :-1], seq[None, 1:], k).sum().item(), rel=1e-6)
 
 
+def test_real_late_phase_lstm_ensemble_carries_every_members_state(monkeypatch):
+    """lm.models' LSTM with member="all": the streamed ensemble equals K independent full passes."""
+    from lm.config import LatePhaseConfig, ModelConfig
+    from lm.late_phase import spawn_members
+    from lm.models import build_model
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # kernels are tested in test_rank1; this is about state
+    torch.manual_seed(7)
+    model = build_model(ModelConfig(family="lstm", embed_dim=8, hidden_size=16), LatePhaseConfig(mode="late_phase", K=3))
+    spawn_members(model, 0.5, torch.Generator().manual_seed(8))
+    data = np.random.default_rng(10).integers(0, 256, size=240, dtype=np.uint8)
+    seq = torch.from_numpy(data.astype(np.int64))
+    result = evaluate_bpc(model, data, family="lstm", member="ensemble", batch_size=1, seq_len=23)
+    reference = float64_nats(model, seq[None, :-1], seq[None, 1:], "ensemble", members=3).sum().item()
+    assert result.nats == pytest.approx(reference, rel=1e-6)
+
+
 def test_transformer_ensemble_matches_reference_on_windows():
     torch.manual_seed(4)
     data = np.random.default_rng(6).integers(0, 256, size=200, dtype=np.uint8)
@@ -201,7 +219,7 @@ def test_transformer_ensemble_matches_reference_on_windows():
     reference = 0.0
     for b in window_eval_batches(data, 2, 16, 6):
         for row in range(b.inputs.shape[0]):
-            nats = float64_nats(model, b.inputs[row : row + 1], b.targets[row : row + 1], "ensemble")[0]
+            nats = float64_nats(model, b.inputs[row : row + 1], b.targets[row : row + 1], "ensemble", members=2)[0]
             reference += nats[b.mask[row]].sum().item()
     result = evaluate_bpc(model, data, family="transformer", member="ensemble", batch_size=2, context=16, stride=6)
     assert result.nats == pytest.approx(reference, rel=1e-6)
