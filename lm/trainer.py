@@ -176,7 +176,9 @@ class Trainer:
 
     @property
     def unwrapped(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+        """The bare model (no DDP). Its mixed-precision forward wrapper stays: removing it would
+        remove it from the model being trained."""
+        return self.accelerator.unwrap_model(self.model)
 
     # ------------------------------------------------------------------------------------------
     # One optimisation step

@@ -297,3 +297,18 @@ def test_help_lists_usage(capsys):
         train_lm.main(["--help"])
     assert info.value.code == 0
     assert "--resume" in capsys.readouterr().out
+
+
+def test_mixed_precision_stays_on_after_evaluation_and_export(tmp_path, data_dir):
+    cfg = tiny_config(tmp_path / "bf16", data_dir, "train.mixed_precision=bf16", "model.family=transformer",
+                      "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=32",
+                      "eval.context=32", "eval.stride=16", "late_phase.T0=1")
+    trainer = Trainer(cfg)
+    dtypes = []
+    trainer.unwrapped.head.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    trainer.train_step()
+    trainer.evaluate("valid", 200)  # unwraps, averages and copies the model
+    trainer.swa_model()
+    dtypes.clear()
+    trainer.train_step()
+    assert dtypes == [torch.bfloat16]
