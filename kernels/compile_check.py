@@ -4,9 +4,10 @@ The CPU interpreter accepts kernels that the GPU compiler rejects (for instance 
 with a block dimension under 16), so this compiles each kernel, for each config the
 autotuner may pick, for float32 and bfloat16, to a cubin for the H100 (sm_90) and the A100
 (sm_80). No GPU is needed: `triton.compile` with an explicit `GPUTarget`. It also checks
-that the bf16 forward on sm_90 uses Hopper's wgmma instructions, and reports the shared
-memory each config needs (configs above a device's limit are skipped by the autotuner at
-run time, so at least one config per kernel must fit).
+that the bf16 forward on sm_90 uses Hopper's wgmma instructions, that every main loop is
+software-pipelined (cp.async copies in the PTX), also for sizes that are multiples of 4
+only, and reports the shared memory each config needs (configs above a device's limit are
+skipped by the autotuner at run time, so at least one config per kernel must fit).
 
     python -m kernels.compile_check [--arch 90 80] [--jobs N] [--json FILE]
 
@@ -29,14 +30,17 @@ DTYPES = ("fp32", "bf16")
 FLAGS = {"HAS_BIAS": True, "DOT_PRECISION": "tf32", "UPCAST": False}
 # Buffers the dW kernel accumulates into with float32 atomics, whatever the input dtype.
 FLOAT32_OUTPUTS = {"dw_ptr", "dr_ptr", "ds_ptr", "db_ptr"}
-# The launch being mirrored: contiguous tensors whose sizes are multiples of 16 (d_model 512,
-# 4H = 2000, ...). The JIT turns an int argument equal to 1 into a constant (the innermost
-# strides) and marks ints divisible by 16 and all pointers as 16-divisible; without those
-# hints the loads are not vectorised and the main loop is not software-pipelined.
+# The launches being mirrored: contiguous tensors. The JIT turns an int argument equal to 1
+# into a constant (the innermost strides) and marks 16-aligned pointers and ints divisible by
+# 16. Layout "aligned16": every size a multiple of 16 (d_model 512, 4H = 2000): all configs,
+# both dtypes. Layout "aligned4": sizes and strides multiples of 4 only (the LSTM's
+# d_in = 500), where the kernels' own ALIGN hints must keep the main loop pipelined: the
+# first config of each kernel, bf16.
 UNIT_STRIDES = {
     "stride_xd", "stride_wd", "stride_rn", "stride_sd", "stride_bn", "stride_yn", "stride_dyn", "stride_dxd",
 }
 DIVISIBLE_INTS = {"M", "N", "D"}
+LAYOUT_ALIGN = {"aligned16": 16, "aligned4": 4}
 
 
 @dataclass
@@ -45,6 +49,7 @@ class CompileResult:
     config: str
     dtype: str
     arch: int
+    layout: str
     ok: bool
     shared_bytes: int = 0
     fits: bool = False
@@ -69,12 +74,12 @@ def _describe(config) -> str:
             f"-w{config.num_warps}-s{config.num_stages}")
 
 
-def _source(fn, config, dtype: str):
+def _source(fn, config, dtype: str, layout: str):
     """ASTSource of one kernel specialised as a contiguous launch would specialise it."""
     from triton.compiler import ASTSource
 
     constexpr_names = {fn.arg_names[i] for i in fn.constexprs}
-    values = {**FLAGS, **config.kwargs}
+    values = {**FLAGS, "ALIGN": LAYOUT_ALIGN[layout], **config.kwargs}
     signature, constexprs, attrs = {}, {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexpr_names:
@@ -88,22 +93,22 @@ def _source(fn, config, dtype: str):
             attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
-            if name.startswith("stride_") or name in DIVISIBLE_INTS:
+            if layout == "aligned16" and (name.startswith("stride_") or name in DIVISIBLE_INTS):
                 attrs[(index,)] = [["tt.divisibility", 16]]
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
-def compile_one(kernel: str, config_index: int, dtype: str, arch: int) -> CompileResult:
+def compile_one(kernel: str, config_index: int, dtype: str, arch: int, layout: str) -> CompileResult:
     import triton
     from triton.backends.compiler import GPUTarget
 
     fn, configs = _kernels()[kernel]
     fn = fn.fn  # the JITFunction under the autotuner
     config = configs[config_index]
-    result = CompileResult(kernel, _describe(config), dtype, arch, ok=False)
+    result = CompileResult(kernel, _describe(config), dtype, arch, layout, ok=False)
     try:
         compiled = triton.compile(
-            _source(fn, config, dtype),
+            _source(fn, config, dtype, layout),
             target=GPUTarget("cuda", arch, 32),
             options={"num_warps": config.num_warps, "num_stages": config.num_stages},
         )
@@ -119,13 +124,14 @@ def compile_one(kernel: str, config_index: int, dtype: str, arch: int) -> Compil
 
 
 def run_checks(archs: list[int], jobs: int) -> list[CompileResult]:
+    kernels = _kernels()
     tasks = [
-        (kernel, i, dtype, arch)
-        for kernel, (_, configs) in _kernels().items()
+        (kernel, i, dtype, arch, "aligned16")
+        for kernel, (_, configs) in kernels.items()
         for i in range(len(configs))
         for dtype in DTYPES
         for arch in archs
-    ]
+    ] + [(kernel, 0, "bf16", arch, "aligned4") for kernel in kernels for arch in archs]
     if jobs <= 1:
         return [compile_one(*task) for task in tasks]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -133,8 +139,11 @@ def run_checks(archs: list[int], jobs: int) -> list[CompileResult]:
 
 
 def problems(results: list[CompileResult], archs: list[int]) -> list[str]:
-    """Everything that would break on a GPU: rejected configs, kernels with no config that fits, no wgmma."""
-    found = [f"{r.kernel} {r.config} {r.dtype} sm_{r.arch}: {r.error}" for r in results if not r.ok]
+    """What would break or be slow on a GPU: rejected configs, kernels with no config that fits,
+    main loops left unpipelined, a bf16 forward without wgmma on sm_90."""
+    found = [f"{r.kernel} {r.config} {r.dtype} sm_{r.arch} {r.layout}: {r.error}" for r in results if not r.ok]
+    found += [f"{r.kernel} {r.config} {r.dtype} sm_{r.arch} {r.layout}: main loop not pipelined (no cp.async)"
+              for r in results if r.ok and not r.pipelined]
     groups = {(r.kernel, r.dtype, r.arch) for r in results}
     for kernel, dtype, arch in sorted(groups):
         if not any(r.fits for r in results if (r.kernel, r.dtype, r.arch) == (kernel, dtype, arch)):
@@ -159,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     results = run_checks(args.arch, args.jobs)
-    print(f"{'kernel':8} {'config':24} {'dtype':5} {'arch':6} {'result':8} {'smem KiB':>8} {'fits':5} {'wgmma':5} cp.async")
+    print(f"{'kernel':8} {'config':24} {'dtype':5} {'arch':6} {'layout':9} {'result':8} {'smem KiB':>8} "
+          f"{'fits':5} {'wgmma':5} cp.async")
     for r in results:
-        print(f"{r.kernel:8} {r.config:24} {r.dtype:5} sm_{r.arch:<3} {'ok' if r.ok else 'FAILED':8} "
+        print(f"{r.kernel:8} {r.config:24} {r.dtype:5} sm_{r.arch:<3} {r.layout:9} {'ok' if r.ok else 'FAILED':8} "
               f"{r.shared_bytes / 1024:8.1f} {'yes' if r.fits else 'no':5} {'yes' if r.wgmma else 'no':5} "
               f"{'yes' if r.pipelined else 'no'}"
               + (f"  {r.error}" if r.error else ""))

@@ -132,7 +132,7 @@ def _rank1_fwd_kernel(
     stride_bk, stride_bn,
     stride_yk, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
@@ -143,14 +143,17 @@ def _rank1_fwd_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
 
-    # stride_xk is 0 for shared x: every member reads the same rows.
-    x_ptrs = x_ptr + k * stride_xk + offs_m[:, None] * stride_xm + offs_d[None, :] * stride_xd
-    wt_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_d[:, None] * stride_wd  # (BLOCK_D, BLOCK_N) of Wᵀ
+    # stride_xk is 0 for shared x: every member reads the same rows. Row starts are multiples of
+    # ALIGN elements (see `_alignment`).
+    x_rows = tl.multiple_of(k * stride_xk + offs_m[:, None] * stride_xm, [ALIGN, ALIGN])
+    x_ptrs = x_ptr + x_rows + offs_d[None, :] * stride_xd
+    wt_rows = tl.multiple_of(offs_n[None, :] * stride_wn, [ALIGN, ALIGN])
+    wt_ptrs = w_ptr + wt_rows + offs_d[:, None] * stride_wd  # (BLOCK_D, BLOCK_N) of Wᵀ
     s_ptrs = s_ptr + k * stride_sk + offs_d * stride_sd
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        mask_d = offs_d < D - d0
+        mask_d = tl.max_constancy(offs_d < D - d0, [ALIGN])
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         s = tl.load(s_ptrs, mask=mask_d, other=0.0)
         xs = (x.to(tl.float32) * s.to(tl.float32)[None, :]).to(w_ptr.dtype.element_ty)
@@ -180,7 +183,7 @@ def _rank1_dx_kernel(
     stride_rk, stride_rn,
     stride_sk, stride_sd,
     stride_dxk, stride_dxm, stride_dxd,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
 ):
     """dx_k = ((dy_k * r_k) @ W) * s_k.
@@ -194,17 +197,19 @@ def _rank1_dx_kernel(
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
-    mask_d = offs_d < D
+    mask_d = tl.max_constancy(offs_d < D, [ALIGN])
+    w_rows = tl.multiple_of(offs_n[:, None] * stride_wn, [ALIGN, ALIGN])
 
     total = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for kk in range(0, MEMBERS_PER_PROGRAM):
         k = group * MEMBERS_PER_PROGRAM + kk
-        dy_ptrs = dy_ptr + k * stride_dyk + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_d[None, :] * stride_wd
+        dy_rows = tl.multiple_of(k * stride_dyk + offs_m[:, None] * stride_dym, [ALIGN, ALIGN])
+        dy_ptrs = dy_ptr + dy_rows + offs_n[None, :] * stride_dyn
+        w_ptrs = w_ptr + w_rows + offs_d[None, :] * stride_wd
         r_ptrs = r_ptr + k * stride_rk + offs_n * stride_rn
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
-            mask_n = offs_n < N - n0
+            mask_n = tl.max_constancy(offs_n < N - n0, [ALIGN])
             dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
             r = tl.load(r_ptrs, mask=mask_n, other=0.0)
             dyr = (dy.to(tl.float32) * r.to(tl.float32)[None, :]).to(w_ptr.dtype.element_ty)
@@ -238,7 +243,7 @@ def _rank1_dw_kernel(
     stride_sk, stride_sd,
     stride_dbk,
     HAS_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
 ):
     """dW, dr, ds (and dbias) from one per-member product P_k = dy_kᵀ x_k.
@@ -261,14 +266,16 @@ def _rank1_dw_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_m = tl.arange(0, BLOCK_M)
-    mask_n = offs_n < N
-    mask_d = offs_d < D
+    mask_n = tl.max_constancy(offs_n < N, [ALIGN])
+    mask_d = tl.max_constancy(offs_d < D, [ALIGN])
 
     # Split `split` takes row blocks split, split + ROW_SPLITS, ...
     row_step = ROW_SPLITS * BLOCK_M
     m_start = split * BLOCK_M
-    dyt_ptrs = dy_ptr + k * stride_dyk + (m_start + offs_m)[None, :] * stride_dym + offs_n[:, None] * stride_dyn
-    x_ptrs = x_ptr + k * stride_xk + (m_start + offs_m)[:, None] * stride_xm + offs_d[None, :] * stride_xd
+    dyt_rows = tl.multiple_of(k * stride_dyk + (m_start + offs_m)[None, :] * stride_dym, [ALIGN, ALIGN])
+    dyt_ptrs = dy_ptr + dyt_rows + offs_n[:, None] * stride_dyn
+    x_rows = tl.multiple_of(k * stride_xk + (m_start + offs_m)[:, None] * stride_xm, [ALIGN, ALIGN])
+    x_ptrs = x_ptr + x_rows + offs_d[None, :] * stride_xd
     p = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(m_start, M, row_step):
@@ -304,6 +311,21 @@ def _rank1_dw_kernel(
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Allocation of every buffer a kernel stores into without reading (tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _alignment(*sizes: int) -> int:
+    """Largest power of two (at most 16) dividing every size and stride a kernel's tiles start at.
+
+    The JIT only marks ints divisible by 16, so with d_in = 500 Triton cannot prove that rows
+    start on aligned addresses: its loads would not vectorise and its main loop would not be
+    software-pipelined. The kernels assert this alignment instead (tl.multiple_of on row
+    offsets, tl.max_constancy on the masks along the contiguous dimension).
+    """
+    align = 16
+    for size in sizes:
+        while size % align:
+            align //= 2
+    return align
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
@@ -347,6 +369,7 @@ def _forward(x3: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: torch.T
         stride_bk, b.stride(-1),
         y.stride(0), y.stride(1), y.stride(2),
         HAS_BIAS=bias is not None,
+        ALIGN=_alignment(d, x3.stride(0) if not shared else 0, x3.stride(-2), weight.stride(0)),
         **_dot_args(x3.dtype),
     )
     return y
@@ -367,6 +390,7 @@ def _backward_dx(dy: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: tor
         r.stride(0), r.stride(1),
         s.stride(0), s.stride(1),
         dx.stride(0), dx.stride(1), dx.stride(2),
+        ALIGN=_alignment(n, d, dy.stride(0), dy.stride(1), weight.stride(0)),
         **_dot_args(dy.dtype),
     )
     return dx[0] if shared else dx
@@ -395,6 +419,7 @@ def _backward_params(x3: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, r
         s.stride(0), s.stride(1),
         n if bias_dim == 2 else 0,
         HAS_BIAS=bias_dim is not None,
+        ALIGN=_alignment(n, d, dy.stride(0), dy.stride(1), 0 if shared else x3.stride(0), x3.stride(-2)),
         **_dot_args(dy.dtype),
     )
     return dw, dr, ds, db

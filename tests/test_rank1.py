@@ -47,15 +47,16 @@ def reference(x, weight, r, s, bias):
     return torch.stack(outs)
 
 
-def make_inputs(members, x_shape, dtype, bias_kind, generator):
+def make_inputs(members, x_shape, dtype, bias_kind, generator, d_out=D_OUT):
     """Fresh random leaf tensors (never zeros): x, weight, r, s, bias."""
+    d_in = x_shape[-1]
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator).to(dtype).requires_grad_()
 
-    bias_shape = {"shared": (D_OUT,), "member": (members, D_OUT)}.get(bias_kind)
+    bias_shape = {"shared": (d_out,), "member": (members, d_out)}.get(bias_kind)
     bias = None if bias_shape is None else randn(*bias_shape)
-    return randn(*x_shape), randn(D_OUT, D_IN), randn(members, D_OUT), randn(members, D_IN), bias
+    return randn(*x_shape), randn(d_out, d_in), randn(members, d_out), randn(members, d_in), bias
 
 
 def relative_error(actual, expected):
@@ -112,6 +113,25 @@ def test_leading_batch_dims_fold_into_rows():
     inputs = make_inputs(3, (3, 2, 9, D_IN), torch.float32, "member", generator)
     out = check_against_reference(inputs, generator=generator)
     assert out.shape == (3, 2, 9, D_OUT)
+
+
+@pytest.mark.parametrize("shared_x", [False, True], ids=["member_x", "shared_x"])
+def test_sizes_that_are_multiples_of_four(shared_x):
+    """Like the LSTM's d_in = 500: the kernels get ALIGN = 4 hints on rows and masks."""
+    members, rows, d_in, d_out = 3, 12, 36, 20
+    x_shape = (rows, d_in) if shared_x else (members, rows, d_in)
+    generator = torch.Generator().manual_seed(11)
+    inputs = make_inputs(members, x_shape, torch.float32, "member", generator, d_out=d_out)
+    assert rank1._alignment(d_in, d_out, rows * d_in, d_in, rows * d_out) == 4
+    check_against_reference(inputs, generator=generator)
+
+
+def test_alignment_is_the_largest_power_of_two_dividing_all():
+    assert rank1._alignment(512, 2048, 0) == 16
+    assert rank1._alignment(500, 2000, 256 * 500) == 4
+    assert rank1._alignment(756, 2000) == 4
+    assert rank1._alignment(2000, 1000, 24) == 8
+    assert rank1._alignment(33, 64) == 1
 
 
 def test_non_contiguous_inputs():
