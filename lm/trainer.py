@@ -146,7 +146,7 @@ class Trainer:
         # Model and optimisers: the same seed everywhere gives every process the same initial weights.
         set_seed(t.seed)
         model = build_model(cfg.model, cfg.late_phase)
-        T0 = resolve_step(cfg.late_phase.T0, t.max_steps, "late_phase.T0")
+        T0 = resolve_step(cfg.late_phase.T0, t.max_steps, "late_phase.T0") if cfg.late_phase.mode == "late_phase" else None
         self.schedule = MemberSchedule.from_config(cfg.late_phase, T0)
         shared_opt, member_opt = build_optimizers(model, t, cfg.late_phase)
         optimizers = [opt for opt in (shared_opt, member_opt) if opt is not None]
@@ -365,12 +365,18 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def _truncate_metrics(self) -> None:
-        """Drop metric lines past the current step (written after the checkpoint we resume from)."""
+        """Drop metric lines past the current step (written after the checkpoint we resume from),
+        and a line torn by a killed process."""
         path = self.out_dir / "metrics.jsonl"
         if not path.exists():
             return
-        kept = [line for line in path.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line)["step"] <= self.step]
+        kept = []
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         tmp.write_text("".join(kept))
         os.replace(tmp, path)
