@@ -322,6 +322,11 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
                  f"step {start} is not before the end of training (train.max_steps={t.max_steps}); "
                  f"lower swa.start or raise train.max_steps")
 
+    # Accelerate's fp16 loss scaler unscales every prepared optimiser at each clip and updates its scale
+    # at each optimiser step; with a shared and a member optimiser (and shared gradients accumulated over
+    # K minibatches) gradients would be unscaled twice. bf16 needs no scaler.
+    _require(t.mixed_precision != "fp16" or lp.mode == "plain", "train.mixed_precision",
+             f"fp16 loss scaling does not support late_phase.mode={lp.mode} (two optimisers); use bf16 or no")
     shards = num_processes * t.grad_accum
     _require(t.batch_size % shards == 0, "train.batch_size",
              f"{t.batch_size} sequences do not split evenly over {num_processes} process(es) x "

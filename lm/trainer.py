@@ -32,7 +32,7 @@ from data.prepare import DataError, is_prepared, prepare_corpus
 from data.synthetic import prepare_synthetic
 from data.tokenizer import bits_per_byte, load_split, load_tokenizer
 from lm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from lm.config import Config, config_to_dict, resolve_step, validate
+from lm.config import Config, ConfigError, config_to_dict, resolve_step, validate
 from lm.evaluate import _token_limit, evaluate_bpc
 from lm.late_phase import (
     LatePhaseStepper,
@@ -115,8 +115,11 @@ class Trainer:
     def __init__(self, cfg: Config, accelerator: Accelerator | None = None, *, resume: bool = False):
         self.cfg = cfg
         self.accelerator = accelerator = accelerator or make_accelerator(cfg)
+        if accelerator.gradient_accumulation_steps != cfg.train.grad_accum:
+            raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} but the Accelerator accumulates "
+                              f"{accelerator.gradient_accumulation_steps} steps; make them equal")
+        cfg.train.mixed_precision = str(accelerator.mixed_precision)  # the launcher's choice, if it made one
         validate(cfg, accelerator.num_processes)  # before any work: no out_dir for a bad config
-        cfg.train.mixed_precision = str(accelerator.mixed_precision)
         self.out_dir = Path(cfg.run.out_dir)
         if resume:
             checkpoint = latest_checkpoint(self.out_dir)

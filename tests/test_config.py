@@ -74,6 +74,7 @@ def test_int_and_fraction_steps_stay_distinct():
         (["late_phase.schedule=parallel", "late_phase.K=4", "train.batch_size=6"], "train.batch_size"),
         (["model.family=transformer", "model.n_heads=7"], "model.n_heads"),
         (["train.lr=-1"], "train.lr"),
+        (["train.mixed_precision=fp16", "late_phase.mode=rank1"], "train.mixed_precision"),
         (["train.max_steps"], "train.max_steps"),
     ],
 )
@@ -95,8 +96,8 @@ def test_batch_must_split_over_processes_and_members():
         validate(cfg, num_processes=5)
 
 
-def test_plain_mode_ignores_T0():
-    load_config(None, ["late_phase.mode=plain", "late_phase.T0=99999", "train.max_steps=10"])
+def test_plain_mode_ignores_T0_and_may_use_fp16():
+    load_config(None, ["late_phase.mode=plain", "late_phase.T0=99999", "train.max_steps=10", "train.mixed_precision=fp16"])
 
 
 def test_unreadable_and_malformed_files(tmp_path):
