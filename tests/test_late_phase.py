@@ -33,9 +33,14 @@ TINY = {
 
 
 @pytest.fixture(autouse=True)
-def eager_rank1(monkeypatch):
+def fast_tiny_models(monkeypatch):
     # The Triton interpreter takes seconds per call; the kernel's own tests cover it.
     monkeypatch.setattr(LatePhaseLinear, "rank1_impl", "eager")
+    # Tiny models: a second intra-op thread only adds OpenMP spin-waiting on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def randomize_members(model, seed=0):

@@ -17,7 +17,7 @@ from lm.late_phase import (
 from lm.models import ExportError, build_model, detach_state, export, load_exported
 
 from tests.test_late_phase import TINY as TINY_LATE_PHASE
-from tests.test_late_phase import eager_rank1, randomize_members  # noqa: F401 (autouse fixture)
+from tests.test_late_phase import fast_tiny_models, randomize_members  # noqa: F401 (autouse fixture)
 
 TINY = {
     **TINY_LATE_PHASE,
