@@ -1,9 +1,10 @@
 """The fused rank-1 linear layer (kernels.rank1) against an independent float64 reference.
 
-Runs the Triton kernels in the CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
-whose one autotune config uses 16-wide tiles, so the odd sizes below span several tiles
-and hit every mask and every cross-tile atomic. Every buffer a kernel stores into is
-NaN-poisoned before the call, so an unwritten element fails the comparison.
+Runs the Triton kernels in the CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+The tests swap the interpreter's one autotune config for 16-wide tiles, so the small odd
+sizes below span several tiles and hit every mask and every cross-tile atomic; one test
+keeps the default config on sizes that span several of its tiles. Every buffer a kernel
+stores into is NaN-poisoned before the call, so an unwritten element fails the comparison.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import zlib
 
 import pytest
 import torch
+import triton
 
 import kernels
 from kernels import rank1
@@ -20,6 +22,22 @@ M, D_IN, D_OUT = 7, 33, 17
 # Largest error allowed, relative to the largest magnitude of the float64 reference.
 # bf16 rounds x*s and dy*r to 8 significant bits before the dot and rounds the output.
 TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+SMALL_TILES = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "GROUP": 2}, num_warps=4, num_stages=1)
+KERNELS = (rank1._rank1_fwd_kernel, rank1._rank1_dx_kernel, rank1._rank1_dw_kernel)
+
+
+@pytest.fixture
+def default_tiles():
+    """Requested by a test that keeps the interpreter's own config."""
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(request, monkeypatch):
+    if "default_tiles" not in request.fixturenames:
+        for kernel in KERNELS:
+            monkeypatch.setattr(kernel, "configs", [SMALL_TILES])
 
 
 @pytest.fixture(autouse=True)
@@ -132,6 +150,13 @@ def test_alignment_is_the_largest_power_of_two_dividing_all():
     assert rank1._alignment(756, 2000) == 4
     assert rank1._alignment(2000, 1000, 24) == 8
     assert rank1._alignment(33, 64) == 1
+
+
+def test_default_interpreter_config_on_several_of_its_tiles(default_tiles):
+    assert all(kernel.configs == [rank1.INTERPRETER_CONFIG] for kernel in KERNELS)
+    generator = torch.Generator().manual_seed(12)
+    inputs = make_inputs(2, (2, 70, 131), torch.float32, "member", generator, d_out=67)
+    check_against_reference(inputs, generator=generator)
 
 
 def test_non_contiguous_inputs():
