@@ -297,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"correctness: interpreted fused kernel vs float64 reference, max relative error {error:.2e}")
         grid = CPU_QUICK if args.quick else {"layers": LAYERS, "members": MEMBERS, "rows": ROWS}
         results = run_grid(grid, args.dtype, "cpu", ["eager"])
-    if error > 1e-4:
+    # The check runs in float32: TF32 dots (when torch allows them) carry a 10-bit mantissa.
+    limit = 5e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-4
+    if error > limit:
         print(f"error: fused kernel disagrees with the reference (relative error {error:.2e})", file=sys.stderr)
         return 1
     print(format_table(results))
