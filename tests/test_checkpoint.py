@@ -26,7 +26,9 @@ def setup():
     model = torch.nn.Linear(5, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model, optimizer = accelerator.prepare(model, optimizer)
-    return accelerator, model, optimizer
+    yield accelerator, model, optimizer
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def train_once(model, optimizer):

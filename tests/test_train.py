@@ -35,12 +35,28 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process Trainer builds its own Accelerator; Accelerate's state is a process-wide singleton."""
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning
+    OpenMP threads make these runs several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def reset_accelerate() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process Trainer builds its own Accelerator; Accelerate's state is a process-wide
+    singleton, so it is reset before and after every test (other modules must not inherit bf16)."""
+    reset_accelerate()
     yield
+    reset_accelerate()
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +79,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, data_dir) -> Path:
     """The tiny late-phase + SWA run through the CLI, one process."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     out = tmp_path_factory.mktemp("runs") / "reference"
     assert train_lm.main(["--config", str(SMOKE), *tiny_args(out, data_dir)]) == 0
     return out
@@ -160,7 +175,8 @@ def test_killed_during_checkpoint_write_leaves_previous_checkpoint_resumable(ref
     script = tmp_path / "crashing_run.py"
     script.write_text(CRASHING_RUN.format(repo=str(REPO)))
     proc = subprocess.run([sys.executable, str(script), "--config", str(SMOKE), *tiny_args(out, data_dir)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert latest_checkpoint(out).name == "step_0000004"
     assert [p.name for p in (out / "checkpoints").iterdir()] != ["step_0000004"]  # the torn write is there
@@ -233,8 +249,7 @@ def test_plain_training_equals_a_hand_written_loop(tmp_path, data_dir):
 def test_gradient_accumulation_matches_the_full_batch(tmp_path, data_dir):
     runs = {}
     for accum in (1, 2):
-        GradientState._reset_state()
-        AcceleratorState._reset_state(reset_partial_state=True)
+        reset_accelerate()
         cfg = tiny_config(tmp_path / f"accum{accum}", data_dir, f"train.grad_accum={accum}")
         trainer = Trainer(cfg)
         for _ in range(8):  # crosses T0=6: tied steps, spawn, sequential member steps
