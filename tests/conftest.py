@@ -1,11 +1,17 @@
-"""Test-wide setup: without a GPU, Triton kernels run in Triton's CPU interpreter.
+"""Test-wide setup.
 
-The variable must be set before triton is first imported, because `triton.jit`
-reads it when a kernel is decorated.
+- Without a GPU, Triton kernels run in Triton's CPU interpreter. The variable must be set
+  before triton is first imported, because `triton.jit` reads it when a kernel is decorated.
+- One intra-op thread per process: the suite's tensors are tiny, and the multi-process tests
+  start two workers on a 2-core machine, where more threads only oversubscribe the cores.
+  Subprocesses inherit both variables.
 """
 import os
 
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import torch  # noqa: E402  (after OMP_NUM_THREADS, which torch reads at import)
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
