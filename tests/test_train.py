@@ -190,23 +190,33 @@ def test_killed_during_checkpoint_write_leaves_previous_checkpoint_resumable(ref
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
-def test_two_processes_match_one(reference_run, tmp_path, data_dir):
+PARALLEL = ("late_phase.schedule=parallel", "late_phase.K=2")  # each process's 2 rows = K members
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "parallel"])
+def test_two_processes_match_one(reference_run, tmp_path, data_dir, schedule):
+    extra = PARALLEL if schedule == "parallel" else ()
+    if schedule == "parallel":
+        one_process = tmp_path / "one_process"
+        Trainer(tiny_config(one_process, data_dir, *extra)).fit()
+    else:
+        one_process = reference_run
     out = tmp_path / "two_processes"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_lm.py"),
-         "--config", str(SMOKE), *tiny_args(out, data_dir)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+         "--config", str(SMOKE), *tiny_args(out, data_dir, *extra)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (out / "checkpoints" / "step_0000012").glob("process_*.pt")) == [
         "process_0.pt", "process_1.pt"]
-    for name in ("final/averaged/model.safetensors", "final/swa/model.safetensors"):
-        one, two = weights(reference_run / name), weights(out / name)
+    for name in ("final/averaged/model.safetensors", "final/swa/model.safetensors", "final/members.safetensors"):
+        one, two = weights(one_process / name), weights(out / name)
         for key in one:
             torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5)
-    one, two = (json.loads((d / "results.json").read_text()) for d in (reference_run, out))
+    one, two = (json.loads((d / "results.json").read_text()) for d in (one_process, out))
     for split in ("valid", "test"):
+        assert two[split].keys() == one[split].keys()
         for kind, bpc in one[split].items():
             assert two[split][kind] == pytest.approx(bpc, abs=1e-5)
 
