@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -33,16 +32,6 @@ TINY = [
     "train.eval_every=6", "train.eval_bytes=400", "checkpoint.every=4", "checkpoint.keep=10",
     "late_phase.K=3", "late_phase.T0=6", "swa.start=8", "swa.every=2", "eval.batch_size=4",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning
-    OpenMP threads make these runs several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def reset_accelerate() -> None:
@@ -175,8 +164,7 @@ def test_killed_during_checkpoint_write_leaves_previous_checkpoint_resumable(ref
     script = tmp_path / "crashing_run.py"
     script.write_text(CRASHING_RUN.format(repo=str(REPO)))
     proc = subprocess.run([sys.executable, str(script), "--config", str(SMOKE), *tiny_args(out, data_dir)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert latest_checkpoint(out).name == "step_0000004"
     assert [p.name for p in (out / "checkpoints").iterdir()] != ["step_0000004"]  # the torn write is there
@@ -205,7 +193,7 @@ def test_two_processes_match_one(reference_run, tmp_path, data_dir, schedule):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_lm.py"),
          "--config", str(SMOKE), *tiny_args(out, data_dir, *extra)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (out / "checkpoints" / "step_0000012").glob("process_*.pt")) == [
