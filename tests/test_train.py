@@ -191,8 +191,9 @@ def test_two_processes_match_one(reference_run, tmp_path, data_dir, schedule):
         one_process = reference_run
     out = tmp_path / "two_processes"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_lm.py"),
-         "--config", str(SMOKE), *tiny_args(out, data_dir, *extra)],
+        # --standalone: a free rendezvous port, so concurrent test runs on one machine do not collide.
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "train_lm.py"), "--config", str(SMOKE), *tiny_args(out, data_dir, *extra)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
