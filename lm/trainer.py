@@ -65,8 +65,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
 def prepare_data(cfg: Config) -> Path:
     """Make sure cfg.data.dir holds train/valid/test splits, preparing them when missing."""
-    data_dir = Path(cfg.data.dir)
-    corpus, source = cfg.data.corpus, cfg.data.source
+    data_dir = Path(cfg.data.dir).expanduser()
+    corpus = cfg.data.corpus
+    source = None if cfg.data.source is None else Path(cfg.data.source).expanduser()
     if corpus == "synthetic":
         return prepare_synthetic(data_dir, cfg.data.synthetic_bytes, seed=cfg.train.seed)
     if corpus == "enwik8":
@@ -120,7 +121,7 @@ class Trainer:
                               f"{accelerator.gradient_accumulation_steps} steps; make them equal")
         cfg.train.mixed_precision = str(accelerator.mixed_precision)  # the launcher's choice, if it made one
         validate(cfg, accelerator.num_processes)  # before any work: no out_dir for a bad config
-        self.out_dir = Path(cfg.run.out_dir)
+        self.out_dir = Path(cfg.run.out_dir).expanduser()
         if resume:
             checkpoint = latest_checkpoint(self.out_dir)
             if checkpoint is None:
