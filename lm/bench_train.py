@@ -2,7 +2,8 @@
 
 For one config, in one process, on one device, times
 - the minimal loop a reader would write by hand for the PLAIN model: forward, cross-entropy,
-  backward, gradient clipping (when configured), Adam step, on the same batches;
+  backward, gradient clipping (when configured), optimiser step (torch's AdamW or SGD), on the
+  same batches (it makes the same update as our step, which the tests check);
 - `Trainer.train_step` on the plain model (the stack's overhead over the minimal loop);
 - for a rank1 / late_phase config, `Trainer.train_step` in that mode, with the late phase already
   running (T0 moved inside the warm-up), for late_phase in both schedules.
@@ -52,7 +53,11 @@ class MinimalLoop:
         self.cfg, self.device, self.byte_lengths = cfg, device, byte_lengths
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model, type(cfg.late_phase)(mode="plain")).to(device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        params = self.model.parameters()
+        if t.optimizer == "adam":  # decoupled weight decay, as the stack's "adam"
+            self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.betas[0], weight_decay=t.weight_decay)
         if cfg.model.family == "lstm":
             self.batches = StreamBatches(train_split, t.batch_size, t.seq_len)
         else:
@@ -119,10 +124,10 @@ def bench(cfg: Config, steps: int, warmup: int, repeats: int) -> tuple[dict[str,
             except ConfigError as e:
                 notes.append(f"{name} skipped: {e}")
                 continue
-            steppers[name] = trainer.train_step
             if name == "plain":
-                steppers = {"minimal loop (plain)": MinimalLoop(
-                    variant, trainer.splits["train"], trainer.byte_lengths, accelerator.device), **steppers}
+                steppers["minimal loop (plain)"] = MinimalLoop(
+                    variant, trainer.splits["train"], trainer.byte_lengths, accelerator.device)
+            steppers[name] = trainer.train_step
         for step in steppers.values():
             for _ in range(warmup):
                 step()
