@@ -68,6 +68,8 @@ def prepare_data(cfg: Config) -> Path:
     data_dir = Path(cfg.data.dir).expanduser()
     corpus = cfg.data.corpus
     source = None if cfg.data.source is None else Path(cfg.data.source).expanduser()
+    if source is not None and not source.is_file():  # named here by its config key, not data's CLI flag
+        raise DataError(f"data.source={cfg.data.source} is not a file; give the path of the corpus (e.g. enwik8.zip)")
     if corpus == "synthetic":
         return prepare_synthetic(data_dir, cfg.data.synthetic_bytes, seed=cfg.train.seed)
     if corpus == "enwik8":

@@ -304,6 +304,9 @@ def test_missing_data_and_checkpoint_problems_are_one_line_errors(capsys, tmp_pa
     code, err = run_cli(capsys, f"run.out_dir={out}", f"data.dir={tmp_path / 'enwik8'}")
     assert code == 2 and "data.source=PATH" in err and "configs/smoke.yaml" in err and not out.exists()
 
+    code, err = run_cli(capsys, f"run.out_dir={out}", f"data.source={tmp_path / 'missing.zip'}")
+    assert code == 2 and err.startswith("error: data.source=") and not out.exists()
+
     code, err = run_cli(capsys, "--config", str(SMOKE), *tiny_args(out, data_dir), "--resume")
     assert code == 2 and "no checkpoint" in err and not out.exists()
 
