@@ -19,11 +19,18 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from safetensors import SafetensorError
+from safetensors.torch import load_model
 from torch import nn
 from tqdm.auto import tqdm
 
 from data.batches import EvalBatch, count_scored, stream_eval_batches, window_eval_batches
-from data.tokenizer import bits_per_byte
+from data.prepare import DataError
+from data.tokenizer import bits_per_byte, load_split, load_tokenizer
+from lm.config import Config, ConfigError, config_from_dict, load_config
+from lm.late_phase import ensemble_log_probs, num_members
+from lm.models import ExportError, build_model, load_exported
 
 
 @dataclass(frozen=True)
@@ -132,8 +139,6 @@ def _eval_batches(data, family, batch_size, seq_len, context, stride, rank, worl
 def _target_nats(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, state, member: int | str):
     """-log p(target) at every position (float32, (B, T)) and the model's next state."""
     if member == "ensemble":
-        from lm.late_phase import ensemble_log_probs  # only ensembles need late-phase code
-
         logits_all, state = model(inputs, state=state, member="all")
         log_probs = ensemble_log_probs(logits_all.float())
     elif isinstance(member, int):
@@ -154,15 +159,13 @@ DEFAULT_KINDS = ("averaged", "ensemble", "swa")  # members: K more passes, on re
 class ModelSource:
     """What a directory offers to evaluate: its config and where each model kind lives."""
 
-    cfg: object  # lm.config.Config
+    cfg: Config
     exported: dict[str, Path]  # kind -> exported plain-model directory (config.json + model.safetensors)
     members: Path | None  # the late-phase model with all members (final/members.safetensors)
 
 
 def find_models(path: Path) -> ModelSource:
     """Read a run directory (OUT/ with final/) or one exported model directory."""
-    from lm.config import config_from_dict, load_config
-
     if not path.is_dir():
         raise EvalError(f"{path} is not a directory: pass --run OUT (a training run) or an exported model directory")
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
@@ -197,11 +200,6 @@ def _available_kinds(source: ModelSource) -> list[str]:
 
 def _load_model(source: ModelSource, kind: str) -> nn.Module:
     """The plain exported model of `kind`, or (kind "ensemble"/"members") the model with all members."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
-    from lm.models import ExportError, build_model, load_exported
-
     try:
         if kind in source.exported:
             return load_exported(source.exported[kind])
@@ -242,8 +240,6 @@ def evaluate_run(
     `kinds` None means every default kind the directory has (unavailable ones become notes);
     an explicitly requested kind that the directory lacks is an error.
     """
-    from data.tokenizer import load_split, load_tokenizer
-
     source = find_models(path)
     available = _available_kinds(source)
     notes: list[str] = []
@@ -263,7 +259,7 @@ def evaluate_run(
         raise EvalError(f"--max-bytes {max_bytes}: need at least 2 bytes (the first byte is never scored)")
 
     cfg = source.cfg
-    data_path = Path(data_dir if data_dir is not None else cfg.data.dir)
+    data_path = Path(data_dir if data_dir is not None else cfg.data.dir).expanduser()
     if not (data_path / f"{split}.bin").is_file():
         raise EvalError(
             f"no {split}.bin in data directory {data_path}: pass --data-dir DIR with the run's prepared splits"
@@ -294,8 +290,6 @@ def evaluate_run(
         elif kind == "ensemble":
             rows = {kind: "ensemble"}
         else:
-            from lm.late_phase import num_members
-
             rows = {f"member_{k}": k for k in range(num_members(model))}
         for name, member in rows.items():
             results[name] = evaluate_bpc(model, data, member=member, progress=name if progress else None, **geometry)
@@ -343,11 +337,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="Transformer window stride, <= context (default eval.stride)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-
-    from accelerate import Accelerator
-
-    from data.prepare import DataError
-    from lm.config import ConfigError
 
     # Without CUDA, Accelerate forms a (gloo) process group under torchrun only when told it runs on CPU.
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
