@@ -71,7 +71,9 @@ def prepare_data(cfg: Config) -> Path:
     if source is not None and not source.is_file():  # named here by its config key, not data's CLI flag
         raise DataError(f"data.source={cfg.data.source} is not a file; give the path of the corpus (e.g. enwik8.zip)")
     if corpus == "synthetic":
-        return prepare_synthetic(data_dir, cfg.data.synthetic_bytes, seed=cfg.train.seed)
+        # The corpus is data, not part of the run: a fixed generator seed lets runs with
+        # different train.seed share one data.dir.
+        return prepare_synthetic(data_dir, cfg.data.synthetic_bytes)
     if corpus == "enwik8":
         try:
             return prepare_enwik8(data_dir, source=source)
