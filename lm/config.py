@@ -138,6 +138,27 @@ CHOICES: dict[str, tuple[str, ...]] = {
 _FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false are booleans.
+
+    YAML 1.1 also reads yes/no/on/off as booleans, which would turn `mixed_precision: no`
+    (Accelerate's own spelling) into False.
+    """
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def _sections() -> dict[str, type]:
     return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
 
@@ -225,7 +246,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if not sep or not dot or not section or not key or "." in key:
         raise ConfigError(f"{path.strip() or text}: an override is section.key=value, e.g. train.max_steps=1000")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else None
+        value = _load_yaml(value_text) if value_text.strip() else None
     except yaml.YAMLError:
         raise ConfigError(f"{section}.{key}: cannot parse value {value_text!r} in override {text!r}") from None
     return section, key, value
@@ -243,7 +264,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except OSError as e:
             raise ConfigError(f"--config {path}: cannot read the file ({e.strerror}); see configs/ for examples") from None
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = _load_yaml(text) or {}
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             line = f" at line {where.line + 1}" if where is not None else ""

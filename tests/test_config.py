@@ -111,3 +111,14 @@ def test_unreadable_and_malformed_files(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(listy)
+
+
+def test_yaml_12_booleans_keep_no_a_string(tmp_path):
+    # YAML 1.1 reads `no` as False; Accelerate spells "no mixed precision" exactly so.
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  mixed_precision: no\nswa:\n  enabled: true\n")
+    cfg = load_config(path, ["late_phase.mode=plain"])
+    assert cfg.train.mixed_precision == "no" and cfg.swa.enabled is True
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"^swa\.enabled: expected bool"):
+        load_config(None, ["swa.enabled=yes"])
