@@ -27,17 +27,20 @@ import torch.nn.functional as F
 
 from data.batches import StreamBatches, WindowBatches
 from data.prepare import DataError
+from lm.accelerator import make_accelerator
 from lm.config import Config, ConfigError, load_config
 from lm.models import build_model, detach_state
 
 
-def chars_per_second(step: Callable[[], int], steps: int, device: torch.device) -> float:
-    """Bytes per second over `steps` calls of `step` (each returns the bytes it trained on)."""
+def measure_chars_per_second(step: Callable[[], int], steps: int, device: torch.device) -> float:
+    """Throughput over `steps` calls of `step` (each returns the bytes it trained on)."""
+    from lm.trainer import chars_per_second
+
     _synchronize(device)
     start = time.perf_counter()
     n_bytes = sum(step() for _ in range(steps))
     _synchronize(device)
-    return n_bytes / (time.perf_counter() - start)
+    return chars_per_second(n_bytes, time.perf_counter() - start)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -111,9 +114,9 @@ def variants(cfg: Config) -> dict[str, Config]:
 
 def bench(cfg: Config, steps: int, warmup: int, repeats: int) -> tuple[dict[str, float], list[str], torch.device]:
     """chars/s of the minimal loop and of every variant (best of `repeats` rounds), notes, the device."""
-    from lm.trainer import Trainer, make_accelerator
+    from lm.trainer import Trainer
 
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum)
     notes = []
     steppers: dict[str, Callable[[], int]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
@@ -134,7 +137,7 @@ def bench(cfg: Config, steps: int, warmup: int, repeats: int) -> tuple[dict[str,
         best = {name: 0.0 for name in steppers}
         for _ in range(repeats):
             for name, step in steppers.items():
-                best[name] = max(best[name], chars_per_second(step, steps, accelerator.device))
+                best[name] = max(best[name], measure_chars_per_second(step, steps, accelerator.device))
     return best, notes, accelerator.device
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_model
 from torch import nn
@@ -28,6 +26,7 @@ from tqdm.auto import tqdm
 from data.batches import EvalBatch, count_scored, stream_eval_batches, window_eval_batches
 from data.prepare import DataError
 from data.tokenizer import bits_per_byte, load_split, load_tokenizer
+from lm.accelerator import make_accelerator
 from lm.config import Config, ConfigError, config_from_dict, load_config
 from lm.late_phase import ensemble_log_probs, num_members
 from lm.models import ExportError, build_model, load_exported
@@ -214,7 +213,7 @@ def _load_model(source: ModelSource, kind: str) -> nn.Module:
         raise EvalError(f"cannot load the {kind} model from {where} ({first_line}); re-export it") from None
 
 
-def _token_limit(data: np.ndarray, byte_lengths: np.ndarray, max_bytes: int | None) -> int | None:
+def token_limit(data: np.ndarray, byte_lengths: np.ndarray, max_bytes: int | None) -> int | None:
     """How many leading tokens of `data` fit in `max_bytes` bytes (every token is >= 1 byte)."""
     if max_bytes is None:
         return None
@@ -277,7 +276,7 @@ def evaluate_run(
         context=context,
         stride=cfg.eval.stride if stride is None else stride,
         byte_lengths=tokenizer.byte_lengths,
-        max_tokens=_token_limit(data, tokenizer.byte_lengths, max_bytes),
+        max_tokens=token_limit(data, tokenizer.byte_lengths, max_bytes),
         accelerator=accelerator,
     )
     device = torch.device("cpu") if accelerator is None else accelerator.device
@@ -338,9 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
 
-    # Without CUDA, Accelerate forms a (gloo) process group under torchrun only when told it runs on CPU.
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(cpu=launched and not torch.cuda.is_available())
+    accelerator = make_accelerator()
     try:
         kinds = None if args.models is None else [k.strip() for k in args.models.split(",") if k.strip()]
         results, notes = evaluate_run(

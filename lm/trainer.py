@@ -33,7 +33,8 @@ from data.synthetic import prepare_synthetic
 from data.tokenizer import bits_per_byte, load_split, load_tokenizer
 from lm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from lm.config import Config, ConfigError, config_to_dict, resolve_step, validate
-from lm.evaluate import _token_limit, evaluate_bpc
+from lm.accelerator import make_accelerator
+from lm.evaluate import evaluate_bpc, token_limit
 from lm.late_phase import (
     LatePhaseStepper,
     MemberSchedule,
@@ -47,20 +48,13 @@ from lm.models import build_model, detach_state, export, plain_like
 from lm.swa import WeightAverage
 
 
+def chars_per_second(n_bytes: float, seconds: float) -> float:
+    """Training throughput: target bytes consumed per wall-clock second (the one definition)."""
+    return n_bytes / seconds
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss became non-finite); one line saying what to do."""
-
-
-def make_accelerator(cfg: Config) -> Accelerator:
-    """An Accelerator for `cfg`. `accelerate launch --mixed_precision bf16|fp16` wins over the config
-    (the launcher always exports its choice, "no" by default, so only a real choice overrides)."""
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    mixed_precision = launched if launched != "no" else cfg.train.mixed_precision
-    # Accelerate treats a torchrun launch without GPUs as one process each unless told it is a CPU
-    # run; cpu=True then gives MULTI_CPU over gloo (accelerate launch --cpu sets the same flag).
-    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
-                       cpu=multi_cpu)
 
 
 def prepare_data(cfg: Config) -> Path:
@@ -119,7 +113,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, accelerator: Accelerator | None = None, *, resume: bool = False):
         self.cfg = cfg
-        self.accelerator = accelerator = accelerator or make_accelerator(cfg)
+        self.accelerator = accelerator = accelerator or make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum)
         if accelerator.gradient_accumulation_steps != cfg.train.grad_accum:
             raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} but the Accelerator accumulates "
                               f"{accelerator.gradient_accumulation_steps} steps; make them equal")
@@ -253,7 +247,7 @@ class Trainer:
         self._check_finite(nats)
         elapsed = time.perf_counter() - self.window["start_time"]
         stats = {"train_bpc": bits_per_byte(nats, int(n_bytes)), "lr": self.optimizers[0].param_groups[0]["lr"],
-                 "chars_per_s": n_bytes / elapsed, "phase": self.schedule.phase(self.step - 1)}
+                 "chars_per_s": chars_per_second(n_bytes, elapsed), "phase": self.schedule.phase(self.step - 1)}
         self.window.update(nats=torch.zeros_like(self.window["nats"]), bytes=0, start_step=self.step,
                            start_time=time.perf_counter())
         return stats
@@ -296,7 +290,7 @@ class Trainer:
         cfg, data = self.cfg, self.splits[split]
         geometry = dict(family=cfg.model.family, batch_size=cfg.eval.batch_size, seq_len=cfg.train.seq_len,
                         context=cfg.eval.context, stride=cfg.eval.stride, byte_lengths=self.byte_lengths,
-                        accelerator=self.accelerator, max_tokens=_token_limit(data, self.byte_lengths, max_bytes))
+                        accelerator=self.accelerator, max_tokens=token_limit(data, self.byte_lengths, max_bytes))
         results = {"averaged": evaluate_bpc(self.averaged_model(), data, member=0, **geometry)}
         if self.schedule.phase(self.step) == "late":
             results["ensemble"] = evaluate_bpc(self.unwrapped, data, member="ensemble", **geometry)

@@ -34,11 +34,11 @@ def test_cli_prints_minimal_loop_ours_and_late_phase_numbers(tmp_path, capsys, m
     assert re.search(r"parallel .* cost per byte [\d.]+x plain", out)
 
 
-def test_chars_per_second_is_bytes_over_wall_time(monkeypatch):
+def test_measured_chars_per_second_is_bytes_over_wall_time(monkeypatch):
     clock = iter([10.0, 12.5])
     monkeypatch.setattr(bench_train.time, "perf_counter", lambda: next(clock))
     sizes = iter([300, 200, 500])
-    assert bench_train.chars_per_second(lambda: next(sizes), 3, bench_train.torch.device("cpu")) == 1000 / 2.5
+    assert bench_train.measure_chars_per_second(lambda: next(sizes), 3, bench_train.torch.device("cpu")) == 1000 / 2.5
 
 
 def test_variants_time_the_late_phase_itself(tmp_path):

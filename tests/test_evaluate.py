@@ -240,12 +240,12 @@ def test_byte_lengths_weight_tokens_and_max_tokens_truncates():
 
 
 def test_max_bytes_keeps_the_tokens_that_fit():
-    from lm.evaluate import _token_limit
+    from lm.evaluate import token_limit
 
     lengths = np.array([1, 3, 2, 5])
     data = np.array([1, 1, 2, 0, 3, 1])  # bytes 3, 3, 2, 1, 5, 3 -> running total 3, 6, 8, 9, 14, 17
-    assert [_token_limit(data, lengths, n) for n in (2, 3, 8, 13, 14, 100)] == [0, 1, 3, 4, 5, 6]
-    assert _token_limit(data, lengths, None) is None
+    assert [token_limit(data, lengths, n) for n in (2, 3, 8, 13, 14, 100)] == [0, 1, 3, 4, 5, 6]
+    assert token_limit(data, lengths, None) is None
 
 
 def test_evaluation_runs_in_eval_mode_and_restores_train_mode():

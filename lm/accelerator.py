@@ -1,0 +1,22 @@
+"""The one place an Accelerator is made, for training, evaluation and benchmarks alike."""
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator
+
+
+def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1) -> Accelerator:
+    """An Accelerator for this launch (python, torchrun or accelerate launch).
+
+    `accelerate launch --mixed_precision bf16|fp16` wins over `mixed_precision` (the launcher
+    always exports its choice, "no" by default, so only a real choice overrides).
+    """
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    mixed_precision = launched if launched != "no" else mixed_precision
+    # Accelerate treats a torchrun launch without GPUs as one process each unless told it is a CPU
+    # run; cpu=True then gives MULTI_CPU over gloo (accelerate launch --cpu sets the same flag).
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
+                       cpu=multi_cpu)
