@@ -1,9 +1,11 @@
 """Both model families in every mode and member argument; export/load; short training runs."""
+import dataclasses
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from lm.config import Config, LatePhaseConfig, ModelConfig, TrainConfig
 from lm.late_phase import (
@@ -63,6 +65,59 @@ def test_lstm_state_carries_across_windows_in_every_mode():
         first, state = model(x[:, :6], None, member)
         second, _ = model(x[:, 6:], detach_state(state), member)
         torch.testing.assert_close(torch.cat([first, second], dim=-2), whole, rtol=1e-5, atol=1e-6)
+
+
+def independent_lstm_members(params, num_layers):
+    """Member k as its own float64 nn.LSTM LM, weights folded here by hand: k -> (inputs, state) -> (logits, state)."""
+    cfg = TINY["lstm"]
+    lstm = torch.nn.LSTM(cfg.embed_dim, cfg.hidden_size, num_layers, batch_first=True, dtype=torch.float64)
+
+    def run(k, inputs, state):
+        weights = {}
+        for layer in range(num_layers):
+            for kind in ("ih", "hh"):
+                factors = f"rnn.factors.{kind}_l{layer}"
+                r, s = params[f"{factors}.r"][k], params[f"{factors}.s"][k]
+                weights[f"weight_{kind}_l{layer}"] = params[f"rnn.lstm.weight_{kind}_l{layer}"] * r[:, None] * s[None, :]
+                weights[f"bias_{kind}_l{layer}"] = params[f"{factors}.bias"][k]
+        out, state = functional_call(lstm, weights, (F.embedding(inputs, params["embed.weight"]), state))
+        return F.linear(out, params["decoder.weight"], params["decoder.bias"]), state
+
+    return run
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("member", ["parallel", "all"])
+def test_stacked_members_equal_independent_float64_lstms(member, num_layers):
+    # Logits, carried state and every parameter's gradient over two truncated-BPTT windows.
+    torch.manual_seed(10 + num_layers)
+    model = build_model(dataclasses.replace(TINY["lstm"], num_layers=num_layers), LatePhaseConfig(mode="late_phase", K=K))
+    model.double()
+    randomize_members(model, seed=num_layers)
+    params = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters()}
+    reference = independent_lstm_members(params, num_layers)
+    batch = 2 * K
+    rows = [torch.arange(k, batch, K) if member == "parallel" else torch.arange(batch) for k in range(K)]
+    back = torch.cat(rows).argsort()  # parallel: member-major rows back to batch order
+    state, member_states, loss, ref_loss = None, [None] * K, 0.0, 0.0
+    for inputs in torch.randint(0, 256, (batch, 9)).split([5, 4], dim=1):
+        logits, state = model(inputs, detach_state(state), member)
+        outs, member_states = zip(*(reference(k, inputs[rows[k]], detach_state(member_states[k])) for k in range(K)))
+        if member == "parallel":
+            ref_logits = torch.cat(outs)[back]
+            ref_state = tuple(torch.cat([s[i] for s in member_states], dim=1)[:, back] for i in (0, 1))
+        else:
+            ref_logits = torch.stack(outs)
+            ref_state = tuple(torch.stack([s[i] for s in member_states]) for i in (0, 1))
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(state, ref_state, rtol=1e-10, atol=1e-12)
+        weights = torch.randn_like(logits)
+        loss, ref_loss = loss + (logits * weights).sum(), ref_loss + (ref_logits * weights).sum()
+    loss.backward()
+    ref_loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-9, atol=1e-11, msg=name)
 
 
 @pytest.mark.parametrize("family", ["lstm", "transformer"])
