@@ -334,3 +334,19 @@ def test_mixed_precision_stays_on_after_evaluation_and_export(tmp_path, data_dir
     dtypes.clear()
     trainer.train_step()
     assert dtypes == [torch.bfloat16]
+
+
+def test_readme_path_after_training_evaluate_and_plot(reference_run, tmp_path, capsys):
+    """The README's steps after `train_lm.py`: the evaluation CLI reproduces results.json's test
+    bpc for every kind, and the plot CLI writes a PNG."""
+    from lm import evaluate, plot
+
+    assert evaluate.main(["--run", str(reference_run), "--split", "test", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)["results"]
+    reported = json.loads((reference_run / "results.json").read_text())["test"]
+    assert set(printed) == {"averaged", "ensemble", "swa"}
+    for kind, result in printed.items():
+        assert result["bpc"] == pytest.approx(reported[kind], abs=1e-9)
+    png = tmp_path / "bpc.png"
+    assert plot.main(["--run", str(reference_run), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
