@@ -16,6 +16,7 @@ the member schedule (Algorithm 1 or the parallel variant), the member-aware opti
 """
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -316,7 +317,7 @@ class MemberSchedule:
 # Member-aware optimisers
 
 
-class MemberOptimizer(torch.optim.Optimizer):
+class MemberOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     """Base of optimisers over (K, d) member tensors that update only the active member's rows.
 
     `active = k` steps row k of every tensor; `active = None` steps all rows. Rows not stepped
@@ -356,12 +357,13 @@ class MemberOptimizer(torch.optim.Optimizer):
             for value in state.values():
                 value.copy_(value[source : source + 1].expand_as(value))
 
+    @abc.abstractmethod
     def _init_state(self, p: torch.Tensor, state: dict) -> None:
-        raise NotImplementedError
+        """Create the per-row state of parameter `p` (every tensor has the rows along dim 0)."""
 
+    @abc.abstractmethod
     def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
         """Update the selected rows in place (p and state values are views of those rows)."""
-        raise NotImplementedError
 
 
 class MemberAdamW(MemberOptimizer):
