@@ -7,8 +7,12 @@ import torch
 from accelerate import Accelerator
 
 
-def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1) -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1,
+                     trackers: list[str] | None = None, project_dir: str | None = None) -> Accelerator:
     """An Accelerator for this launch (python, torchrun or accelerate launch).
+
+    `trackers` are Accelerate `log_with` names (tensorboard, wandb, ...); trackers that keep
+    local files write them under `project_dir`.
 
     `accelerate launch --mixed_precision bf16|fp16` wins over `mixed_precision` (the launcher
     always exports its choice, "no" by default, so only a real choice overrides).
@@ -19,4 +23,4 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
     # run; cpu=True then gives MULTI_CPU over gloo (accelerate launch --cpu sets the same flag).
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
-                       cpu=multi_cpu)
+                       cpu=multi_cpu, log_with=trackers or None, project_dir=project_dir)

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType
 
 
 class ConfigError(ValueError):
@@ -24,6 +26,9 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     out_dir: str = "runs/enwik8_lstm_late_phase"
+    # Accelerate trackers to log metrics to besides metrics.jsonl (its `log_with` names),
+    # e.g. [tensorboard] or [wandb]; the tracker's package must be installed.
+    trackers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -183,6 +188,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, option)
             except ConfigError:
                 pass
+    elif origin is list:
+        (item_type,) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(key, v, item_type) for v in value]
     elif origin is tuple:
         item_types = typing.get_args(tp)
         if isinstance(value, (list, tuple)) and len(value) == len(item_types):
@@ -300,6 +309,9 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+TRACKERS = tuple(t.value for t in LoggerType if t.value != "all")
+
+
 def validate(cfg: Config, num_processes: int = 1) -> None:
     """Reject impossible values with a ConfigError naming the key and the fix.
 
@@ -308,6 +320,11 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         _require(value in allowed, key, f"{value!r} is not one of {', '.join(allowed)}")
+
+    for name in cfg.run.trackers:
+        _require(name in TRACKERS, "run.trackers", f"{name!r} is not an Accelerate tracker; use some of {', '.join(TRACKERS)}")
+        _require(name in get_available_trackers(), "run.trackers",
+                 f"{name!r} is not installed; pip install {name}, or remove it from run.trackers")
 
     t, lp, m = cfg.train, cfg.late_phase, cfg.model
     for key, value in [

@@ -102,6 +102,21 @@ def lr_factor(step: int, cfg: Config) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _flat_scalars(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"valid_bpc": {"averaged": 1.6}} -> {"valid_bpc/averaged": 1.6}: the flat scalars and text
+    that trackers accept (lists become text; None is dropped)."""
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat_scalars(value, f"{name}/"))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = str(list(value))
+        elif value is not None:
+            flat[name] = value
+    return flat
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -113,7 +128,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, accelerator: Accelerator | None = None, *, resume: bool = False):
         self.cfg = cfg
-        self.accelerator = accelerator = accelerator or make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum)
+        self.accelerator = accelerator = accelerator or make_accelerator(
+            cfg.train.mixed_precision, cfg.train.grad_accum, cfg.run.trackers, cfg.run.out_dir)
         if accelerator.gradient_accumulation_steps != cfg.train.grad_accum:
             raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} but the Accelerator accumulates "
                               f"{accelerator.gradient_accumulation_steps} steps; make them equal")
@@ -175,6 +191,8 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             self._truncate_metrics()
+        if accelerator.log_with:  # Accelerate trackers (run.trackers), besides metrics.jsonl
+            accelerator.init_trackers(self.out_dir.name, config=_flat_scalars(config_to_dict(cfg)))
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -237,7 +255,12 @@ class Trainer:
             if self.step % every == 0 or self.step == t.max_steps:
                 self.save()
         bar.close()
-        return self.finish()
+        results = self.finish()
+        if self.accelerator.trackers:
+            self.accelerator.log({f"{split}_bpc/{kind}": bpc for split in ("valid", "test")
+                                  for kind, bpc in results[split].items()}, step=self.step)
+            self.accelerator.end_training()
+        return results
 
     def _train_stats(self) -> dict[str, Any]:
         """Train bpc and throughput since the last log line, over all processes; stops on a non-finite loss."""
@@ -365,6 +388,7 @@ class Trainer:
         if self.is_main:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+        self.accelerator.log(_flat_scalars(record), step=record["step"])  # a no-op without trackers
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines past the current step (written after the checkpoint we resume from),

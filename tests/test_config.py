@@ -122,3 +122,11 @@ def test_yaml_12_booleans_keep_no_a_string(tmp_path):
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     with pytest.raises(ConfigError, match=r"^swa\.enabled: expected bool"):
         load_config(None, ["swa.enabled=yes"])
+
+
+def test_trackers_must_be_known_and_installed():
+    assert load_config(None, ["run.trackers=[]"]).run.trackers == []
+    with pytest.raises(ConfigError, match=r"^run\.trackers: 'nope' is not an Accelerate tracker"):
+        load_config(None, ["run.trackers=[nope]"])
+    with pytest.raises(ConfigError, match=r"^run\.trackers: expected list\[str\]"):
+        load_config(None, ["run.trackers=tensorboard"])

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from accelerate.tracking import GeneralTracker
 from safetensors.torch import load_file
 
 import train_lm
@@ -350,3 +352,45 @@ def test_readme_path_after_training_evaluate_and_plot(reference_run, tmp_path, c
     png = tmp_path / "bpc.png"
     assert plot.main(["--run", str(reference_run), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class RecordingTracker(GeneralTracker):
+    """An in-memory Accelerate tracker."""
+
+    name = "recording"
+    requires_logging_directory = False
+
+    def __init__(self):
+        super().__init__()
+        self.config, self.logs, self.finished = None, [], False
+
+    @property
+    def tracker(self):
+        return self
+
+    def store_init_configuration(self, values):
+        self.config = dict(values)
+
+    def log(self, values, step=None, **kwargs):
+        self.logs.append((step, dict(values)))
+
+    def finish(self):
+        self.finished = True
+
+
+def test_trackers_get_the_config_every_metrics_line_and_the_final_bpc(tmp_path, data_dir):
+    tracker = RecordingTracker()
+    cfg = tiny_config(tmp_path / "run", data_dir)
+    results = Trainer(cfg, Accelerator(log_with=[tracker])).fit()
+
+    assert tracker.config["late_phase/K"] == 3 and tracker.config["late_phase/mode"] == "late_phase"
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [step for step, _ in tracker.logs[:-1]] == [r["step"] for r in records]
+    for (_, logged), record in zip(tracker.logs, records):
+        for kind, bpc in record.get("valid_bpc", {}).items():
+            assert logged[f"valid_bpc/{kind}"] == bpc
+        if "train_bpc" in record:
+            assert logged["train_bpc"] == record["train_bpc"] and logged["phase"] == record["phase"]
+    final_step, final = tracker.logs[-1]
+    assert final_step == 12 and final["test_bpc/averaged"] == results["test"]["averaged"]
+    assert tracker.finished
