@@ -69,7 +69,9 @@ class LatePhaseConfig:
     sigma0: float = 0.0  # relative noise added to member factors at T0
     gamma: str = "sum"  # sum | mean: shared-weight step on the sum or mean of K gradients
     lr: float | None = None  # learning rate of late-phase weights (None: train.lr)
-    weight_decay: float | None = None  # (None: train.weight_decay)
+    # Weight decay of the late-phase weights. 0 by default, whatever train.weight_decay is: the
+    # factors r, s multiply W and start at 1, so decay toward 0 would shrink every member's weights.
+    weight_decay: float = 0.0
 
 
 @dataclass

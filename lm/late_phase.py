@@ -424,10 +424,11 @@ class MemberSGD(MemberOptimizer):
 def build_optimizers(model: nn.Module, train_cfg, lp_cfg) -> tuple[torch.optim.Optimizer, MemberOptimizer | None]:
     """(shared optimiser, member optimiser or None for a plain model) from TrainConfig/LatePhaseConfig.
 
-    Adam means AdamW-style decoupled weight decay for both, so shared and member rows decay alike.
+    Adam means AdamW-style decoupled weight decay for both; the member rows use late_phase.weight_decay
+    (0 by default: see LatePhaseConfig).
     """
     lr_m = train_cfg.lr if lp_cfg.lr is None else lp_cfg.lr
-    wd_m = train_cfg.weight_decay if lp_cfg.weight_decay is None else lp_cfg.weight_decay
+    wd_m = lp_cfg.weight_decay
     shared, members = shared_parameters(model), late_phase_parameters(model)
     if train_cfg.optimizer == "adam":
         shared_opt = torch.optim.AdamW(shared, lr=train_cfg.lr, betas=tuple(train_cfg.betas),
