@@ -463,9 +463,6 @@ def test_clipping_groups_follow_the_schedule():
 
 def test_member_factors_are_not_decayed_unless_asked():
     """r and s multiply W and start at 1: train.weight_decay must not pull them toward 0."""
-    from lm.late_phase import build_optimizers
-    from lm.models import build_model
-
     train_cfg = TrainConfig(weight_decay=0.1)
     lp_cfg = LatePhaseConfig(mode="late_phase", K=3)
     model = build_model(ModelConfig(family="lstm", embed_dim=4, hidden_size=8), lp_cfg)
