@@ -22,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -47,6 +48,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PASSES = ("fwd", "fwd+bwd")
 # Rows per member from which a shape counts as compute-bound for the floor target.
 COMPUTE_BOUND_ROWS = 4096
+# Where the CUDA branch of main() puts its tensors; the tests point it at the CPU, with CUDA's
+# timing and memory calls stubbed, to run that branch end to end without a GPU.
+CUDA_DEVICE = "cuda"
 
 
 @dataclass
@@ -160,8 +164,9 @@ def _time_cpu(fn, leaves) -> tuple[float, float]:
     return measurement.median * 1e3, float("nan")
 
 
-def run_grid(grid: dict, dtypes: list[str], device: str, impls: list[str]) -> list[Row]:
-    timer = _time_gpu if device == "cuda" else _time_cpu
+def run_grid(grid: dict, dtypes: list[str], device: str, impls: list[str],
+             timer: Callable[[Callable[[], object], list[torch.Tensor]], tuple[float, float]]) -> list[Row]:
+    """Time every impl on every case with timer(fn, leaves) -> (median ms, peak MiB)."""
     cases = [
         (layer, members, rows, dtype)
         for dtype in dtypes for layer in grid["layers"] for members in grid["members"] for rows in grid["rows"]
@@ -283,17 +288,17 @@ def main(argv: list[str] | None = None) -> int:
         import triton
 
         print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-        error = correctness_check("cuda")
+        error = correctness_check(CUDA_DEVICE)
         print(f"correctness: fused vs float64 reference, max relative error {error:.2e}")
         grid = QUICK if args.quick else {"layers": LAYERS, "members": MEMBERS, "rows": ROWS}
-        results = run_grid(grid, args.dtype, "cuda", ["fused", "eager", "compiled", "floor"])
+        results = run_grid(grid, args.dtype, CUDA_DEVICE, ["fused", "eager", "compiled", "floor"], _time_gpu)
     else:
         print("No CUDA device: timing only the eager reference on the CPU; the fused kernel is checked "
               "for correctness in Triton's interpreter.")
         error = _interpreted_correctness_check()
         print(f"correctness: interpreted fused kernel vs float64 reference, max relative error {error:.2e}")
         grid = CPU_QUICK if args.quick else {"layers": LAYERS, "members": MEMBERS, "rows": ROWS}
-        results = run_grid(grid, args.dtype, "cpu", ["eager"])
+        results = run_grid(grid, args.dtype, "cpu", ["eager"], _time_cpu)
     # The check runs in float32: TF32 dots (when torch allows them) carry a 10-bit mantissa.
     limit = 5e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-4
     if error > limit:

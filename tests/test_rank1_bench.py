@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 
 import pytest
@@ -30,7 +31,7 @@ def test_correctness_check_of_the_interpreted_kernel_is_tight():
 
 
 def test_cpu_grid_times_each_impl_and_relates_them():
-    results = bench.run_grid(TINY_GRID, ["fp32"], "cpu", ["eager", "floor"])
+    results = bench.run_grid(TINY_GRID, ["fp32"], "cpu", ["eager", "floor"], bench._time_cpu)
     assert [(r.pass_, r.impl) for r in results] == [
         ("fwd", "eager"), ("fwd", "floor"), ("fwd+bwd", "eager"), ("fwd+bwd", "floor")
     ]
@@ -56,3 +57,111 @@ def test_main_without_cuda_writes_json_and_csv(tmp_path, monkeypatch, capsys):
     assert [(r["pass"], r["impl"], r["dtype"]) for r in records] == [("fwd", "eager", "bf16"), ("fwd+bwd", "eager", "bf16")]
     assert [float(r["ms"]) for r in rows] == pytest.approx([r["ms"] for r in records])
     assert not list(tmp_path.glob("*.tmp-*"))
+
+
+# The CUDA branch dry-run: stub timings per impl, in the order main() times them.
+STUB_MS = {"fused": 2.0, "eager": 3.0, "compiled": 4.0, "floor": 1.0}
+GPU_IMPLS = ["fused", "eager", "compiled", "floor"]
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """main()'s CUDA branch on CPU tensors: do_bench and the CUDA memory calls stubbed, the fused
+    kernel interpreted, torch.compile without Inductor (dynamo and AOTAutograd still run)."""
+    import triton.testing
+
+    # triton 3.6 (the GPU image) has the same do_bench signature as the installed triton.
+    do_bench_signature = inspect.signature(triton.testing.do_bench)
+    log = {"bench": [], "compiles": 0, "peak_calls": 0}
+
+    def do_bench(fn, *args, **kwargs):
+        call = do_bench_signature.bind(fn, *args, **kwargs).arguments  # TypeError on a wrong keyword
+        for _ in range(2):
+            for t in call.get("grad_to_none") or []:
+                t.grad = None
+            fn()
+        impl = GPU_IMPLS[len(log["bench"]) % len(GPU_IMPLS)]
+        pass_index = len(log["bench"]) // len(GPU_IMPLS) % len(bench.PASSES)
+        leaves = call.get("grad_to_none") or []
+        log["bench"].append({**call, "impl": impl, "grads": [t.grad is not None for t in leaves]})
+        return STUB_MS[impl] * (1 + pass_index)
+
+    def max_memory_allocated():
+        log["peak_calls"] += 1
+        return (100 + log["peak_calls"]) * 2**20
+
+    real_compile, real_is_available = torch.compile, torch.cuda.is_available
+
+    def compile_without_inductor(fn, **kwargs):
+        log["compiles"] += 1
+        compiled = real_compile(fn, backend="aot_eager", **kwargs)
+
+        def call(*args):  # dynamo itself probes CUDA when it says it is there: not while compiling
+            torch.cuda.is_available = real_is_available
+            try:
+                return compiled(*args)
+            finally:
+                torch.cuda.is_available = lambda: True
+        return call
+
+    monkeypatch.setattr(bench, "CUDA_DEVICE", "cpu")
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    monkeypatch.setattr(torch, "compile", compile_without_inductor)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Stub GPU")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 100 * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: max_memory_allocated())
+    return log
+
+
+def test_cuda_branch_dry_run_tables_relates_and_writes_every_impl(tmp_path, monkeypatch, capsys, fake_cuda):
+    grid = {"layers": [("tiny", 8, 12)], "members": [2], "rows": [4, 8]}
+    monkeypatch.setattr(bench, "QUICK", grid)
+    monkeypatch.setattr(bench, "COMPUTE_BOUND_ROWS", 8)
+    prefix = tmp_path / "gpu"
+    assert bench.main(["--quick", "--dtype", "bf16", "--out", str(prefix)]) == 0
+    printed = capsys.readouterr().out
+
+    cases = [(rows, pass_) for rows in (4, 8) for pass_ in bench.PASSES]
+    # do_bench: median, gradients reset between runs, backward run only in fwd+bwd.
+    assert len(fake_cuda["bench"]) == len(cases) * len(GPU_IMPLS)
+    for index, call in enumerate(fake_cuda["bench"]):
+        assert call["return_mode"] == "median" and len(call["grad_to_none"]) == 5
+        backward = index // len(GPU_IMPLS) % 2 == 1
+        if call["impl"] == "floor":  # the plain matmul differentiates x and W only
+            assert call["grads"] == [backward, backward, False, False, False]
+        else:
+            assert call["grads"] == [backward] * 5
+    assert fake_cuda["compiles"] == 2  # one fresh torch.compile per case
+
+    records = json.loads((tmp_path / "gpu.json").read_text())
+    assert [(r["rows"], r["pass"], r["impl"]) for r in records] == [
+        (rows, pass_, impl) for rows, pass_ in cases for impl in GPU_IMPLS
+    ]
+    for index, r in enumerate(records):
+        scale = 1 + bench.PASSES.index(r["pass"])
+        assert r["dtype"] == "bf16" and r["layer"] == "tiny" and r["members"] == 2
+        assert r["ms"] == STUB_MS[r["impl"]] * scale
+        assert r["speedup_vs_eager"] == pytest.approx(STUB_MS["eager"] / STUB_MS[r["impl"]])
+        assert r["ratio_to_floor"] == pytest.approx(STUB_MS[r["impl"]] / STUB_MS["floor"])
+        assert r["peak_mib"] == index + 1  # max_memory_allocated grows 1 MiB per call above the base
+        work = 2 * 2 * r["rows"] * 8 * 12 * (1 if r["pass"] == "fwd" else 3)
+        assert r["tflops"] == pytest.approx(work / (r["ms"] * 1e-3) / 1e12)
+        assert r["gbps"] == pytest.approx(
+            bench.compulsory_bytes(2, r["rows"], 8, 12, r["pass"], 2) / (r["ms"] * 1e-3) / 1e9)
+    with open(tmp_path / "gpu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["rows"]), r["pass"], r["impl"]) for r in rows] == [(r["rows"], r["pass"], r["impl"]) for r in records]
+    assert [float(r["ratio_to_floor"]) for r in rows] == pytest.approx([r["ratio_to_floor"] for r in records])
+
+    assert "Stub GPU" in printed and "No CUDA" not in printed
+    assert sum(line.startswith("tiny ") for line in printed.splitlines()) == len(records)
+    summary = {line.split(":")[0]: line for line in printed.splitlines() if line.startswith("bf16 ")}
+    # Means over the grid: eager 3 / fused 2, compiled 4 / fused 2, fused 2 / floor 1 (rows 8 only);
+    # the fused kernel's peak is below eager's in both cases (peaks grow in call order).
+    assert "speed-up over eager 1.50x" in summary["bf16 fwd+bwd"]
+    assert "over torch.compile 2.00x" in summary["bf16 fwd+bwd"]
+    assert "ratio to floor (M >= 8) 2.00" in summary["bf16 fwd+bwd"]
+    assert "peak memory above eager in 0/2 shapes" in summary["bf16 fwd+bwd"]
