@@ -165,8 +165,13 @@ def _time_cpu(fn, leaves) -> tuple[float, float]:
 
 
 def run_grid(grid: dict, dtypes: list[str], device: str, impls: list[str],
-             timer: Callable[[Callable[[], object], list[torch.Tensor]], tuple[float, float]]) -> list[Row]:
-    """Time every impl on every case with timer(fn, leaves) -> (median ms, peak MiB)."""
+             timer: Callable[[Callable[[], object], list[torch.Tensor]], tuple[float, float]],
+             out: str | None = None) -> list[Row]:
+    """Time every impl on every case with timer(fn, leaves) -> (median ms, peak MiB).
+
+    With out, rewrites OUT.json and OUT.csv after every case: a run stopped by a time limit
+    keeps the cases it finished.
+    """
     cases = [
         (layer, members, rows, dtype)
         for dtype in dtypes for layer in grid["layers"] for members in grid["members"] for rows in grid["rows"]
@@ -204,6 +209,8 @@ def run_grid(grid: dict, dtypes: list[str], device: str, impls: list[str],
                     row.ratio_to_floor = row.ms / case_rows["floor"].ms
             results.extend(case_rows.values())
         del inputs, grad
+        if out is not None:
+            write_outputs(results, out)
     return results
 
 
@@ -251,8 +258,9 @@ def format_table(results: list[Row]) -> str:
 
 
 def write_outputs(results: list[Row], prefix: str) -> list[str]:
-    """Atomically write PREFIX.json and PREFIX.csv."""
+    """Atomically write PREFIX.json and PREFIX.csv, creating PREFIX's directory."""
     records = [{("pass" if k == "pass_" else k): v for k, v in asdict(r).items()} for r in results]
+    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
     paths = []
     for ext in ("json", "csv"):
         path = f"{prefix}.{ext}"
@@ -291,14 +299,15 @@ def main(argv: list[str] | None = None) -> int:
         error = correctness_check(CUDA_DEVICE)
         print(f"correctness: fused vs float64 reference, max relative error {error:.2e}")
         grid = QUICK if args.quick else {"layers": LAYERS, "members": MEMBERS, "rows": ROWS}
-        results = run_grid(grid, args.dtype, CUDA_DEVICE, ["fused", "eager", "compiled", "floor"], _time_gpu)
+        results = run_grid(grid, args.dtype, CUDA_DEVICE, ["fused", "eager", "compiled", "floor"], _time_gpu,
+                           args.out)
     else:
         print("No CUDA device: timing only the eager reference on the CPU; the fused kernel is checked "
               "for correctness in Triton's interpreter.")
         error = _interpreted_correctness_check()
         print(f"correctness: interpreted fused kernel vs float64 reference, max relative error {error:.2e}")
         grid = CPU_QUICK if args.quick else {"layers": LAYERS, "members": MEMBERS, "rows": ROWS}
-        results = run_grid(grid, args.dtype, "cpu", ["eager"], _time_cpu)
+        results = run_grid(grid, args.dtype, "cpu", ["eager"], _time_cpu, args.out)
     # The check runs in float32: TF32 dots (when torch allows them) carry a 10-bit mantissa.
     limit = 5e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-4
     if error > limit:
@@ -307,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     for line in summary(results):
         print(line)
-    print("wrote " + ", ".join(write_outputs(results, args.out)))
+    print(f"wrote {args.out}.json, {args.out}.csv")
     return 0
 
 

@@ -165,3 +165,27 @@ def test_cuda_branch_dry_run_tables_relates_and_writes_every_impl(tmp_path, monk
     assert "over torch.compile 2.00x" in summary["bf16 fwd+bwd"]
     assert "ratio to floor (M >= 8) 2.00" in summary["bf16 fwd+bwd"]
     assert "peak memory above eager in 0/2 shapes" in summary["bf16 fwd+bwd"]
+
+
+def test_cuda_branch_keeps_the_finished_cases_when_stopped(tmp_path, monkeypatch, fake_cuda):
+    """A run killed by a time limit: the cases timed before it are already on disk, in a new directory."""
+    import triton.testing
+
+    grid = {"layers": [("tiny", 8, 12)], "members": [2], "rows": [4, 8]}
+    monkeypatch.setattr(bench, "QUICK", grid)
+    stub = triton.testing.do_bench
+    per_case = len(GPU_IMPLS) * len(bench.PASSES)
+
+    def stopped_in_second_case(fn, **kwargs):
+        if len(fake_cuda["bench"]) == per_case:
+            raise KeyboardInterrupt
+        return stub(fn, **kwargs)
+
+    monkeypatch.setattr(triton.testing, "do_bench", stopped_in_second_case)
+    prefix = tmp_path / "not-yet" / "gpu"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--quick", "--dtype", "fp32", "--out", str(prefix)])
+    records = json.loads((tmp_path / "not-yet" / "gpu.json").read_text())
+    assert [(r["rows"], r["impl"]) for r in records] == [(4, impl) for _ in bench.PASSES for impl in GPU_IMPLS]
+    with open(tmp_path / "not-yet" / "gpu.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == per_case
