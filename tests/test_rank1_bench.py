@@ -189,3 +189,10 @@ def test_cuda_branch_keeps_the_finished_cases_when_stopped(tmp_path, monkeypatch
     assert [(r["rows"], r["impl"]) for r in records] == [(4, impl) for _ in bench.PASSES for impl in GPU_IMPLS]
     with open(tmp_path / "not-yet" / "gpu.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == per_case
+
+
+def test_cuda_branch_stops_before_timing_a_wrong_kernel(tmp_path, monkeypatch, capsys, fake_cuda):
+    monkeypatch.setattr(bench, "correctness_check", lambda device: 0.25)
+    assert bench.main(["--quick", "--out", str(tmp_path / "gpu")]) == 1
+    assert "disagrees with the reference (relative error 2.50e-01" in capsys.readouterr().err
+    assert fake_cuda["bench"] == [] and not list(tmp_path.iterdir())
