@@ -161,10 +161,16 @@ def test_cuda_branch_dry_run_tables_relates_and_writes_every_impl(tmp_path, monk
     summary = {line.split(":")[0]: line for line in printed.splitlines() if line.startswith("bf16 ")}
     # Means over the grid: eager 3 / fused 2, compiled 4 / fused 2, fused 2 / floor 1 (rows 8 only);
     # the fused kernel's peak is below eager's in both cases (peaks grow in call order).
-    assert "speed-up over eager 1.50x" in summary["bf16 fwd+bwd"]
-    assert "over torch.compile 2.00x" in summary["bf16 fwd+bwd"]
-    assert "ratio to floor (M >= 8) 2.00" in summary["bf16 fwd+bwd"]
-    assert "peak memory above eager in 0/2 shapes" in summary["bf16 fwd+bwd"]
+    # Only bf16 fwd+bwd is judged against issue 3's targets.
+    assert summary["bf16 fwd+bwd"] == (
+        "bf16 fwd+bwd: speed-up over eager 1.50x (meets target >= 1.5), over torch.compile 2.00x "
+        "(meets target >= 1.2), ratio to floor (M >= 8) 2.00 (MISSES target <= 1.15), "
+        "peak memory above eager in 0/2 shapes (meets target <= 0)"
+    )
+    assert summary["bf16 fwd"] == (
+        "bf16 fwd: speed-up over eager 1.50x, over torch.compile 2.00x, ratio to floor (M >= 8) 2.00, "
+        "peak memory above eager in 0/2 shapes"
+    )
 
 
 def test_cuda_branch_keeps_the_finished_cases_when_stopped(tmp_path, monkeypatch, fake_cuda):
