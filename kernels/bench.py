@@ -298,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short run on a few shapes")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"],
                         help="dtypes to time (default: bf16 fp32)")
+    parser.add_argument("--layers", nargs="+", choices=[name for name, _, _ in LAYERS], metavar="LAYER",
+                        help="time only these layers, to split a long run into parts (default: all of the grid's; "
+                             f"choices: {' '.join(name for name, _, _ in LAYERS)})")
     parser.add_argument("--out", default="rank1_bench", help="output prefix: writes OUT.json and OUT.csv")
     parser.add_argument("--check-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -323,12 +326,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: fused kernel disagrees with the reference (relative error {error:.2e} > {limit:.0e}); "
               "not timing it", file=sys.stderr)
         return 1
+    grid = (QUICK if cuda else CPU_QUICK) if args.quick else {"layers": LAYERS, "members": MEMBERS, "rows": ROWS}
+    if args.layers:
+        grid = {**grid, "layers": [layer for layer in LAYERS if layer[0] in args.layers]}
     if cuda:
-        grid = QUICK if args.quick else {"layers": LAYERS, "members": MEMBERS, "rows": ROWS}
         results = run_grid(grid, args.dtype, CUDA_DEVICE, ["fused", "eager", "compiled", "floor"], _time_gpu,
                            args.out)
     else:
-        grid = CPU_QUICK if args.quick else {"layers": LAYERS, "members": MEMBERS, "rows": ROWS}
         results = run_grid(grid, args.dtype, "cpu", ["eager"], _time_cpu, args.out)
     print(format_table(results))
     for line in summary(results):

@@ -202,3 +202,16 @@ def test_cuda_branch_stops_before_timing_a_wrong_kernel(tmp_path, monkeypatch, c
     assert bench.main(["--quick", "--out", str(tmp_path / "gpu")]) == 1
     assert "disagrees with the reference (relative error 2.50e-01" in capsys.readouterr().err
     assert fake_cuda["bench"] == [] and not list(tmp_path.iterdir())
+
+
+def test_layers_option_times_only_the_named_layers(tmp_path, monkeypatch, capsys, fake_cuda):
+    layers = [("wide", 8, 12), ("narrow", 12, 8)]
+    monkeypatch.setattr(bench, "LAYERS", layers)
+    monkeypatch.setattr(bench, "QUICK", {"layers": layers, "members": [2], "rows": [4]})
+    assert bench.main(["--quick", "--dtype", "fp32", "--layers", "narrow", "--out", str(tmp_path / "part")]) == 0
+    records = json.loads((tmp_path / "part.json").read_text())
+    assert {(r["layer"], r["d_in"], r["d_out"]) for r in records} == {("narrow", 12, 8)}
+    assert len(records) == len(GPU_IMPLS) * len(bench.PASSES)
+    with pytest.raises(SystemExit):
+        bench.main(["--layers", "lstm-500"])
+    assert "invalid choice: 'lstm-500'" in capsys.readouterr().err
