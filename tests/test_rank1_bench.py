@@ -30,6 +30,11 @@ def test_correctness_check_of_the_interpreted_kernel_is_tight():
     assert bench.correctness_check("cpu") < 1e-5
 
 
+def test_bf16_correctness_check_measures_bf16_rounding_within_its_tolerance():
+    error = bench.correctness_check("cpu", torch.bfloat16)
+    assert 1e-4 < error < bench.tolerance(torch.bfloat16) / 2
+
+
 def test_cpu_grid_times_each_impl_and_relates_them():
     results = bench.run_grid(TINY_GRID, ["fp32"], "cpu", ["eager", "floor"], bench._time_cpu)
     assert [(r.pass_, r.impl) for r in results] == [
@@ -157,6 +162,7 @@ def test_cuda_branch_dry_run_tables_relates_and_writes_every_impl(tmp_path, monk
     assert [float(r["ratio_to_floor"]) for r in rows] == pytest.approx([r["ratio_to_floor"] for r in records])
 
     assert "Stub GPU" in printed and "No CUDA" not in printed
+    assert "max relative error bf16 " in printed  # the dtype timed is the dtype checked
     assert sum(line.startswith("tiny ") for line in printed.splitlines()) == len(records)
     summary = {line.split(":")[0]: line for line in printed.splitlines() if line.startswith("bf16 ")}
     # Means over the grid: eager 3 / fused 2, compiled 4 / fused 2, fused 2 / floor 1 (rows 8 only);
@@ -198,9 +204,10 @@ def test_cuda_branch_keeps_the_finished_cases_when_stopped(tmp_path, monkeypatch
 
 
 def test_cuda_branch_stops_before_timing_a_wrong_kernel(tmp_path, monkeypatch, capsys, fake_cuda):
-    monkeypatch.setattr(bench, "correctness_check", lambda device: 0.25)
+    errors = {torch.float32: 1e-6, torch.bfloat16: 0.25}
+    monkeypatch.setattr(bench, "correctness_check", lambda device, dtype: errors[dtype])
     assert bench.main(["--quick", "--out", str(tmp_path / "gpu")]) == 1
-    assert "disagrees with the reference (relative error 2.50e-01" in capsys.readouterr().err
+    assert "disagrees with the reference in bf16 (relative error 2.50e-01 > 3e-02)" in capsys.readouterr().err
     assert fake_cuda["bench"] == [] and not list(tmp_path.iterdir())
 
 
