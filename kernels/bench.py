@@ -7,8 +7,11 @@ M rows per member), dtype, and pass (forward, forward+backward) it times
     compiled  torch.compile of the eager reference
     floor     a plain batched matmul of the same shape without any scaling (cuBLAS)
 with triton.testing.do_bench (median ms), and reports TFLOP/s, GB/s of compulsory traffic,
-speed-up over eager, ratio to the floor and peak memory. Writes the table as JSON and CSV.
-Before timing, the fused kernel is checked against a float64 reference.
+speed-up over eager, ratio to the floor and peak memory, and judges the bf16 forward+backward
+means against issue 3's targets. Rewrites the table as JSON and CSV after every case, so a run
+cut short keeps what it timed; the full grid takes longer than one 10-minute command, so time
+it in parts with --layers (and --dtype). Before timing, the fused kernel is checked against a
+float64 reference in every dtype it will time.
 
 Without CUDA it says so, times only the eager reference on the CPU, and checks the
 interpreted Triton kernel (TRITON_INTERPRET=1, in a subprocess) on a small shape.
