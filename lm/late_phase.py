@@ -494,18 +494,28 @@ class LatePhaseStepper:
             self._step_members(member, clip=True)
             self.pending += 1
             if self.schedule.steps_shared(step):
-                if self.schedule.gamma == "mean":
-                    for p in self.shared_params:
-                        if p.grad is not None:
-                            p.grad.div_(self.pending)
-                self._clip(self.shared_params)
-                self._step_shared()
+                self._finish_cycle()
         else:
             self._clip(self.shared_params + self.member_params)
             self._step_members(None if member == "parallel" else member, clip=False)
             self._step_shared()
         if self.schedule.spawns_at(step):
             self.spawn()
+
+    def flush(self) -> None:
+        """End of training: apply the shared gradients of an unfinished cycle (gamma times the sum
+        over the minibatches it has) instead of dropping them."""
+        if self.pending:
+            self._finish_cycle()
+
+    def _finish_cycle(self) -> None:
+        """Algorithm 1's shared step on gamma * sum of the cycle's gradients (gamma = 1 or 1/pending)."""
+        if self.schedule.gamma == "mean":
+            for p in self.shared_params:
+                if p.grad is not None:
+                    p.grad.div_(self.pending)
+        self._clip(self.shared_params)
+        self._step_shared()
 
     def spawn(self) -> None:
         generator = torch.Generator().manual_seed(self.seed)

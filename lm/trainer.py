@@ -255,6 +255,9 @@ class Trainer:
             if self.step % every == 0 or self.step == t.max_steps:
                 self.save()
         bar.close()
+        # A sequential late phase that stops mid-cycle still applies its pending shared gradients
+        # (after the last checkpoint, so a run resumed from it ends the same way).
+        self.stepper.flush()
         results = self.finish()
         if self.accelerator.trackers:
             self.accelerator.log({f"{split}_bpc/{kind}": bpc for split in ("valid", "test")

@@ -471,3 +471,32 @@ def test_member_factors_are_not_decayed_unless_asked():
     assert member_opt.param_groups[0]["weight_decay"] == 0.0
     _, member_opt = build_optimizers(model, train_cfg, LatePhaseConfig(mode="late_phase", K=3, weight_decay=0.02))
     assert member_opt.param_groups[0]["weight_decay"] == 0.02
+
+
+def test_flush_applies_an_unfinished_cycle_on_its_mean_gradient():
+    """Training that stops 2 minibatches into a K=3 cycle steps the shared weights once more,
+    on gamma * (g1 + g2) with gamma = 1/2; checked against AdamW written out in float64."""
+    K, T0, lr, wd, (beta1, beta2), eps = 3, 1, 0.02, 0.1, (0.9, 0.999), 1e-8
+    torch.manual_seed(11)
+    model = build_model(TINY["lstm"], LatePhaseConfig(mode="late_phase", K=K)).double()
+    schedule = MemberSchedule(K, T0, "sequential", "mean")
+    shared = shared_parameters(model)
+    shared_opt = torch.optim.AdamW(shared, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd)
+    stepper = LatePhaseStepper(model, schedule, shared_opt, MemberAdamW(late_phase_parameters(model), lr=lr))
+    for t in range(T0 + K + 2):  # tied step, one whole cycle, then 2 minibatches of the next
+        x, y = torch.randint(0, 256, (2, 6)), torch.randint(0, 256, (2, 6))
+        F.cross_entropy(model(x, None, schedule.member(t))[0].flatten(0, 1), y.flatten()).backward()
+        stepper.after_backward(t)
+    assert stepper.pending == 2
+    before = [(p.detach().clone(), p.grad.clone(), {k: v.clone() for k, v in shared_opt.state[p].items()})
+              for p in shared]
+    stepper.flush()
+    assert stepper.pending == 0 and all(p.grad is None for p in shared)
+    for p, (w, g_sum, state) in zip(shared, before):
+        g = g_sum / 2
+        step = state["step"].item() + 1  # a Python float: torch keeps the count as float32
+        m = beta1 * state["exp_avg"] + (1 - beta1) * g
+        v = beta2 * state["exp_avg_sq"] + (1 - beta2) * g * g
+        denom = (v / (1 - beta2**step)).sqrt() + eps
+        expected = w * (1 - lr * wd) - lr * (m / (1 - beta1**step)) / denom
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-10, atol=1e-12)
