@@ -2,7 +2,7 @@
 
 The paper's enwik8 model is 1 layer x 500 units, about 1.56M parameters. With vocabulary 256
 the count is 256*E + 4H(E + H) + 8H + 257H + 256 = 2256*E + 1,132,256 for H = 500, so
-embed_dim 190 gives 1,560,896 and the config default 200 gives 1,583,456.
+embed_dim 190 (the default) gives 1,560,896.
 
 Late-phase factors sit on the input-to-hidden and hidden-to-hidden matrices of every layer,
 with per-member biases (as edward2's LSTMCellRank1); embedding and decoder are shared.
