@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from data.batches import EvalBatch, count_scored, stream_eval_batches, window_eval_batches
 from data.prepare import DataError
 from data.tokenizer import bits_per_byte, load_split, load_tokenizer
-from lm.accelerator import make_accelerator
+from lm.accelerator import exit_process, make_accelerator
 from lm.config import Config, ConfigError, config_from_dict, load_config
 from lm.late_phase import ensemble_log_probs, num_members
 from lm.models import ExportError, build_model, load_exported
@@ -356,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.is_main_process:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        accelerator.end_training()  # Accelerate's end of a script: closes the process group
     if not accelerator.is_main_process:
         return 0
     for note in notes:
@@ -371,4 +373,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

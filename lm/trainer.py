@@ -259,10 +259,9 @@ class Trainer:
         # (after the last checkpoint, so a run resumed from it ends the same way).
         self.stepper.flush()
         results = self.finish()
-        if self.accelerator.trackers:
-            self.accelerator.log({f"{split}_bpc/{kind}": bpc for split in ("valid", "test")
-                                  for kind, bpc in results[split].items()}, step=self.step)
-            self.accelerator.end_training()
+        self.accelerator.log({f"{split}_bpc/{kind}": bpc for split in ("valid", "test")
+                              for kind, bpc in results[split].items()}, step=self.step)  # a no-op without trackers
+        self.accelerator.end_training()  # Accelerate's end of a script: finishes trackers, closes the process group
         return results
 
     def _train_stats(self) -> dict[str, Any]:

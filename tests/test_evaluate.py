@@ -263,6 +263,7 @@ DISTRIBUTED_SCRIPT = """
 import json, sys
 import numpy as np, torch
 from accelerate import Accelerator
+from lm.accelerator import exit_process
 from lm.evaluate import evaluate_bpc
 from tests.test_evaluate import TinyCausal, TinyLSTM, distributed_cases
 
@@ -270,6 +271,8 @@ accelerator = Accelerator(cpu=True)
 out = {name: evaluate_bpc(model, data, accelerator=accelerator, **kw).__dict__ for name, (model, data, kw) in distributed_cases().items()}
 if accelerator.is_main_process:
     json.dump({"world": accelerator.num_processes, "results": out}, open(sys.argv[1], "w"))
+accelerator.end_training()
+exit_process(0)  # as the CLIs do: no interpreter finalisation after a multi-process run
 """
 
 
