@@ -470,7 +470,7 @@ def _validate(x, weight, r, s, bias) -> None:
             continue
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"rank1_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
+        if t.dtype not in SUPPORTED_DTYPES + (torch.float64,):
             raise ValueError(f"rank1_linear: {name} has dtype {t.dtype}; use float32, bfloat16 or float16")
     if weight.dim() != 2:
         raise ValueError(f"rank1_linear: weight must be (d_out, d_in), got shape {_shape(weight)}")
@@ -518,7 +518,7 @@ def rank1_linear(
     members. weight: (d_out, d_in); r: (K, d_out); s: (K, d_in); bias: None, (d_out,) or
     (K, d_out). Returns (K, M, d_out) (or (K, *batch, d_out)) in the input dtype.
     impl: "triton" (fused kernels), "eager" (PyTorch reference), "auto" (triton on CUDA tensors
-    or under TRITON_INTERPRET=1, eager otherwise). Under autocast all inputs are cast to the
+    or under TRITON_INTERPRET=1, eager otherwise). float64 runs with "eager" only. Under autocast all inputs are cast to the
     autocast dtype first, as torch does for F.linear.
     """
     if impl not in IMPLS:
@@ -531,7 +531,8 @@ def rank1_linear(
             return rank1_linear(x, weight, r, s, bias, impl=impl)
     _validate(x, weight, r, s, bias)
     if impl == "auto":
-        impl = "triton" if x.is_cuda or interpreting() else "eager"
+        # float64 is for references and gradient checks: the kernels do not take it.
+        impl = "triton" if (x.is_cuda or interpreting()) and x.dtype != torch.float64 else "eager"
     # Leading batch dims of per-member x fold into the rows (a view when the strides allow).
     x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 3 else x
     if impl == "eager":
@@ -541,5 +542,7 @@ def rank1_linear(
             raise ValueError(
                 "rank1_linear: impl='triton' needs CUDA tensors or TRITON_INTERPRET=1; use impl='eager' on CPU"
             )
+        if x.dtype == torch.float64:
+            raise ValueError("rank1_linear: impl='triton' takes float32, bfloat16 or float16; float64 runs with impl='eager'")
         out = Rank1LinearFunction.apply(x3, weight, r, s, bias)
     return out.reshape(*x.shape[:-1], weight.shape[0]) if x.dim() > 3 else out

@@ -6,7 +6,8 @@ For one config, in one process, on one device, times
   same batches (it makes the same update as our step, which the tests check);
 - `Trainer.train_step` on the plain model (the stack's overhead over the minimal loop);
 - for a rank1 / late_phase config, `Trainer.train_step` in that mode, with the late phase already
-  running (T0 moved inside the warm-up), for late_phase in both schedules.
+  running (T0 moved inside the warm-up), for late_phase in both schedules (the LSTM's parallel
+  schedule both ways, model.lstm_members fused and folded).
 chars/s = bytes of the targets consumed / wall seconds, over the timed steps only (warm-up
 steps excluded); the best of `--repeats` rounds is reported, the variants taking turns so
 that load from elsewhere on the machine hits them alike.
@@ -97,11 +98,16 @@ def variants(cfg: Config) -> dict[str, Config]:
     if lp.mode == "rank1":
         out["rank1"] = copy.deepcopy(cfg)
     elif lp.mode == "late_phase":
-        for schedule in ("sequential", "parallel"):
+        # The LSTM runs all members at once in two ways (model.lstm_members); time both.
+        ways = ("fused", "folded") if cfg.model.family == "lstm" else (None,)
+        for schedule, way in [("sequential", None)] + [("parallel", way) for way in ways]:
             late = copy.deepcopy(cfg)
             late.late_phase.schedule = schedule
             late.late_phase.T0 = 1  # members spawn during the warm-up: the late phase is what gets timed
             label = f"late_phase {schedule} (K={lp.K})"
+            if way is not None:
+                late.model.lstm_members = way
+                label += f", {way}"
             multiple = lp.K * cfg.train.grad_accum
             if schedule == "parallel" and cfg.train.batch_size % multiple and cfg.train.batch_size > multiple:
                 late.train.batch_size -= cfg.train.batch_size % multiple

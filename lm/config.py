@@ -49,6 +49,10 @@ class ModelConfig:
     embed_dim: int = 190  # with hidden_size 500: 1,560,896 parameters, the paper's "about 1.56M"
     hidden_size: int = 500
     num_layers: int = 1
+    # How the LSTM runs all K members at once (parallel schedule, ensemble evaluation):
+    # fused (kernels.rank1_linear over every member, a time loop), folded (one nn.LSTM per
+    # member with its folded weights), auto (fused on CUDA, folded on CPU).
+    lstm_members: str = "auto"
     # Transformer
     d_model: int = 512
     n_layers: int = 8
@@ -132,6 +136,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.corpus": ("enwik8", "synthetic", "prepared"),
     "data.tokenizer": ("bytes", "sentencepiece"),
     "model.family": ("lstm", "transformer"),
+    "model.lstm_members": ("auto", "fused", "folded"),
     "model.positions": ("rotary", "learned"),
     "late_phase.mode": ("plain", "rank1", "late_phase"),
     "late_phase.schedule": ("sequential", "parallel"),

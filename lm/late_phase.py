@@ -56,7 +56,13 @@ class Rank1Factors(MemberRows):
     Rows start identical (r = s = 1 as in BatchEnsemble, so a fresh model equals its plain
     counterpart; the bias row is `bias_init` copied to every row), so before T0 every row
     is already the tied value and rank1 (K=1) and late_phase draw the same random numbers.
+
+    `rank1_impl` is handed to kernels.rank1_linear when all members run at once ("auto" picks
+    the Triton kernel on CUDA or under TRITON_INTERPRET=1, eager otherwise); set it on the
+    class to force one, e.g. "eager" in CPU tests, where the Triton interpreter is slow.
     """
+
+    rank1_impl: str = "auto"
 
     def __init__(self, num: int, d_out: int, d_in: int, bias_init: torch.Tensor | None = None):
         super().__init__()
@@ -67,6 +73,12 @@ class Rank1Factors(MemberRows):
     def fold(self, weight: torch.Tensor, member: int) -> torch.Tensor:
         """Member k's dense weight W * (r_k s_k^T): one elementwise pass, then cuBLAS/cuDNN as usual."""
         return weight * torch.outer(self.r[member], self.s[member])
+
+    def all_members(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Every member at once, ((x_k * s_k) W^T) * r_k + bias_k, through kernels.rank1_linear.
+
+        x: (K, M, d_in) (row block k through member k) or (M, d_in) (shared) -> (K, M, d_out)."""
+        return rank1_linear(x, weight, self.r, self.s, bias, impl=self.rank1_impl)
 
     def member_bias(self, member: int) -> torch.Tensor | None:
         return None if self.bias is None else self.bias[member]
@@ -94,12 +106,7 @@ class LatePhaseLinear(nn.Module):
 
     The plain layer's state dict is {weight, bias}; the factored one's average folds into
     exactly that (`averaged_state`), so a member-averaged model loads into the plain class.
-    `rank1_impl` is handed to kernels.rank1_linear for "parallel"/"all" ("auto" picks the
-    Triton kernel on CUDA or under TRITON_INTERPRET=1, eager otherwise); set it on the class
-    to force one, e.g. "eager" in CPU tests, where the Triton interpreter is slow.
     """
-
-    rank1_impl: str = "auto"
 
     def __init__(self, d_in: int, d_out: int, num: int, bias: bool = True, init_std: float = 0.02):
         super().__init__()
@@ -123,7 +130,7 @@ class LatePhaseLinear(nn.Module):
         num = f.num_members
         lead = x.shape[1:-1] if member == "parallel" else x.shape[:-1]
         flat = x.reshape(num, -1, x.shape[-1]) if member == "parallel" else x.reshape(-1, x.shape[-1])
-        out = rank1_linear(flat, self.weight, f.r, f.s, f.bias, impl=self.rank1_impl)
+        out = f.all_members(flat, self.weight, f.bias)
         return out.reshape(num, *lead, out.shape[-1])
 
     def averaged_state(self) -> dict[str, torch.Tensor]:

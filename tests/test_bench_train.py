@@ -27,7 +27,8 @@ def test_cli_prints_minimal_loop_ours_and_late_phase_numbers(tmp_path, capsys, m
     assert code == 0, out
     rows = dict(re.findall(r"^(.+?)\s+([\d,]+) chars/s", out, flags=re.M))
     assert set(rows) == {"minimal loop (plain)", "ours: plain", "ours: late_phase sequential (K=3)",
-                         "ours: late_phase parallel (K=3), batch 6"}
+                         "ours: late_phase parallel (K=3), fused, batch 6",
+                         "ours: late_phase parallel (K=3), folded, batch 6"}
     assert all(int(v.replace(",", "")) > 0 for v in rows.values())
     assert re.search(r"ours: plain .* [\d.]+x the minimal loop", out)
     assert re.search(r"sequential .* [\d.]+x plain", out)
@@ -44,8 +45,10 @@ def test_measured_chars_per_second_is_bytes_over_wall_time(monkeypatch):
 def test_variants_time_the_late_phase_itself(tmp_path):
     cfg = load_config(SMOKE, tiny_overrides(tmp_path) + ["train.batch_size=10", "swa.enabled=true"])
     variants = bench_train.variants(cfg)
-    assert list(variants) == ["plain", "late_phase sequential (K=3)", "late_phase parallel (K=3), batch 9"]
+    assert list(variants) == ["plain", "late_phase sequential (K=3)", "late_phase parallel (K=3), fused, batch 9",
+                              "late_phase parallel (K=3), folded, batch 9"]
     assert variants["plain"].late_phase.mode == "plain"
+    assert [v.model.lstm_members for v in variants.values()] == ["auto", "auto", "fused", "folded"]
     for name, variant in variants.items():
         assert not variant.swa.enabled
         if name != "plain":

@@ -15,6 +15,7 @@ from lm.late_phase import (
     MemberAdamW,
     MemberSchedule,
     MemberSGD,
+    Rank1Factors,
     average_members,
     build_optimizers,
     ensemble_log_probs,
@@ -35,7 +36,7 @@ TINY = {
 @pytest.fixture(autouse=True)
 def fast_tiny_models(monkeypatch):
     # The Triton interpreter takes seconds per call; the kernel's own tests cover it.
-    monkeypatch.setattr(LatePhaseLinear, "rank1_impl", "eager")
+    monkeypatch.setattr(Rank1Factors, "rank1_impl", "eager")
     # Tiny models: a second intra-op thread only adds OpenMP spin-waiting on a busy machine.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -12,6 +12,7 @@ from lm.late_phase import (
     LatePhaseLinear,
     LatePhaseStepper,
     MemberSchedule,
+    Rank1Factors,
     average_members,
     build_optimizers,
     late_phase_parameters,
@@ -23,6 +24,7 @@ from tests.test_late_phase import fast_tiny_models, randomize_members  # noqa: F
 
 TINY = {
     **TINY_LATE_PHASE,
+    "lstm_fused": dataclasses.replace(TINY_LATE_PHASE["lstm"], lstm_members="fused"),
     "transformer_learned": ModelConfig(family="transformer", vocab_size=256, d_model=16, n_layers=1, n_heads=2,
                                        max_seq_len=16, positions="learned"),
 }
@@ -48,17 +50,18 @@ def test_member_modes_shapes_and_agreement(name):
         assert one.shape == (2 * K, 7, 256)
         torch.testing.assert_close(everyone[k], one, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(parallel[k::K], one[k::K], rtol=1e-5, atol=1e-5)  # row b -> member b % K
-        if name == "lstm":
+        if name.startswith("lstm"):
             assert state[0].shape == (2, 2 * K, 12)
-    if name == "lstm":
+    if name.startswith("lstm"):
         assert state_all[0].shape == (K, 2, 2 * K, 12)
     else:
         assert state_all is None
     assert not torch.allclose(everyone[0], everyone[1])  # the members really differ
 
 
-def test_lstm_state_carries_across_windows_in_every_mode():
-    model = late_model("lstm")
+@pytest.mark.parametrize("name", ["lstm", "lstm_fused"])
+def test_lstm_state_carries_across_windows_in_every_mode(name):
+    model = late_model(name)
     x = torch.randint(0, 256, (K, 10))
     for member in (1, "parallel", "all"):
         whole, _ = model(x, None, member)
@@ -86,12 +89,14 @@ def independent_lstm_members(params, num_layers):
     return run
 
 
+@pytest.mark.parametrize("how", ["fused", "folded"])
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("member", ["parallel", "all"])
-def test_stacked_members_equal_independent_float64_lstms(member, num_layers):
+def test_stacked_members_equal_independent_float64_lstms(member, num_layers, how):
     # Logits, carried state and every parameter's gradient over two truncated-BPTT windows.
     torch.manual_seed(10 + num_layers)
-    model = build_model(dataclasses.replace(TINY["lstm"], num_layers=num_layers), LatePhaseConfig(mode="late_phase", K=K))
+    cfg = dataclasses.replace(TINY["lstm"], num_layers=num_layers, lstm_members=how)
+    model = build_model(cfg, LatePhaseConfig(mode="late_phase", K=K))
     model.double()
     randomize_members(model, seed=num_layers)
     params = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters()}
@@ -147,10 +152,13 @@ def test_bad_member_arguments_give_one_line_errors():
         model(torch.randint(0, 256, (1, 17)))
 
 
-def test_rank1_kernel_path_agrees_with_eager(monkeypatch):
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(family="transformer", vocab_size=256, d_model=16, n_layers=1, n_heads=2, max_seq_len=8),
+    ModelConfig(family="lstm", vocab_size=256, embed_dim=8, hidden_size=12, num_layers=1, lstm_members="fused"),
+], ids=["transformer", "lstm"])
+def test_rank1_kernel_path_agrees_with_eager(monkeypatch, cfg):
     # One small pass through kernels.rank1_linear's default dispatch (Triton, interpreted on CPU).
-    monkeypatch.setattr(LatePhaseLinear, "rank1_impl", "auto")
-    cfg = ModelConfig(family="transformer", vocab_size=256, d_model=16, n_layers=1, n_heads=2, max_seq_len=8)
+    monkeypatch.setattr(Rank1Factors, "rank1_impl", "auto")
     torch.manual_seed(1)
     model = build_model(cfg, LatePhaseConfig(mode="late_phase", K=2))
     with torch.no_grad():
@@ -158,7 +166,7 @@ def test_rank1_kernel_path_agrees_with_eager(monkeypatch):
             p.add_(0.2 * torch.randn_like(p))
     x = torch.randint(0, 256, (2, 4))
     kernel, _ = model(x, None, "all")
-    monkeypatch.setattr(LatePhaseLinear, "rank1_impl", "eager")
+    monkeypatch.setattr(Rank1Factors, "rank1_impl", "eager")
     torch.testing.assert_close(kernel, model(x, None, "all")[0], rtol=1e-4, atol=1e-4)
 
 

@@ -263,7 +263,7 @@ def _valid(**overrides):
         (dict(x=torch.ones(2, M, D_IN)), r"x must be \(K, \.\.\., d_in\) with K = 3"),
         (dict(x=torch.ones(D_IN)), r"x must be \(K, M, d_in\)"),
         (dict(bias=torch.ones(2, D_OUT)), rf"bias must be None, \({D_OUT},\) or \(3, {D_OUT}\)"),
-        (dict(r=torch.ones(3, D_OUT, dtype=torch.float64)), r"r has dtype torch.float64"),
+        (dict(r=torch.ones(3, D_OUT, dtype=torch.float64)), r"r has dtype torch.float64 but x has torch.float32"),
         (dict(x=torch.ones(3, M, D_IN, dtype=torch.int64)), r"x has dtype torch.int64"),
         (dict(s=torch.ones(3, D_IN, dtype=torch.bfloat16)), r"s has dtype torch.bfloat16 but x has torch.float32"),
     ],
@@ -277,3 +277,14 @@ def test_bad_inputs_raise_value_error_naming_the_argument(overrides, message, im
 def test_unknown_impl_is_rejected():
     with pytest.raises(ValueError, match="impl must be one of"):
         kernels.rank1_linear(**_valid(), impl="cuda")
+
+
+def test_float64_runs_eager_only():
+    # float64 serves references and gradient checks: "auto" takes the eager path, "triton" refuses.
+    generator = torch.Generator().manual_seed(8)
+    inputs = [t.detach().double() for t in make_inputs(3, (3, M, D_IN), torch.float32, "member", generator)]
+    out = kernels.rank1_linear(*inputs, impl="auto")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, reference(*inputs), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="float64 runs with impl='eager'"):
+        kernels.rank1_linear(*inputs, impl="triton")

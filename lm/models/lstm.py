@@ -6,12 +6,20 @@ embed_dim 190 (the default) gives 1,560,896.
 
 Late-phase factors sit on the input-to-hidden and hidden-to-hidden matrices of every layer,
 with per-member biases (as edward2's LSTMCellRank1); embedding and decoder are shared.
-All modes run the fused nn.LSTM (cuDNN on GPU, the fused CPU kernel otherwise): a member's
-weights W * (r_k s_k^T) are folded once per forward and handed to the nn.LSTM through
-torch.func.functional_call, so autograd reaches W, r and s. "parallel" and "all" run one
-folded LSTM per member (on that member's rows / on the whole batch): a single call over all
-members would need a Python loop over time steps with rank-1 products, giving up the fused
-recurrence, which costs far more than K kernel launches per window.
+
+One member (an int: plain, rank1 and the sequential schedule) runs the fused nn.LSTM (cuDNN on
+GPU, oneDNN on CPU): its weights W * (r_k s_k^T) are folded once per forward and handed to the
+nn.LSTM through torch.func.functional_call, so autograd reaches W, r and s.
+
+All members at once ("parallel", "all") run one of two ways (`model.lstm_members`):
+- fused: kernels.rank1_linear applies every member's factors to the shared W in one call, for
+  the input projections of all time steps at once and then for the recurrent product at each
+  step; the cell's pointwise update runs over all members together. W is read once per step
+  whatever K is, and a window costs T steps for all members instead of K x T.
+- folded: one nn.LSTM per member on its rows (the fused recurrence, K times).
+`auto` picks fused on CUDA, where a small-batch recurrence is bound by per-step latency, so K
+nn.LSTM calls cost about K times one; and folded on CPU, where oneDNN's LSTM on B/K rows beats
+a Python time loop (docs/benchmarks/training_cpu.md).
 """
 from __future__ import annotations
 
@@ -42,6 +50,7 @@ class LatePhaseLSTM(nn.Module):
         super().__init__()
         self.lstm = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True)
         self.num_layers = num_layers
+        self.num = num  # stored members; 0 = plain
         if num == 0:
             self.factors = None
             return
@@ -64,9 +73,55 @@ class LatePhaseLSTM(nn.Module):
         return weights
 
     def forward(self, x: torch.Tensor, state: LSTMState | None, member: int) -> tuple[torch.Tensor, LSTMState]:
+        """One member on the whole batch: x (B, T, E) -> out (B, T, H), state (layers, B, H) pair."""
         if self.factors is None:
             return self.lstm(x, state)
         return functional_call(self.lstm, self.member_weights(member), (x, state))
+
+    def all_members(self, x: torch.Tensor, state: LSTMState | None, shared_input: bool,
+                    how: str) -> tuple[torch.Tensor, LSTMState]:
+        """Every member at once; how = "fused" | "folded" (see the module docstring).
+
+        x: (B, T, E) shared by every member, or (K, B, T, E) with member k's rows in x[k].
+        Returns out (K, B, T, H) and a state pair of (K, layers, B, H) tensors.
+        """
+        if how == "folded":
+            runs = [self(x if shared_input else x[k], None if state is None else _unstack(state, k), k)
+                    for k in range(self.num)]
+            return torch.stack([out for out, _ in runs]), _stack([st for _, st in runs])
+        return self._all_members_fused(x, state, shared_input)
+
+    def _all_members_fused(self, x: torch.Tensor, state: LSTMState | None,
+                           shared_input: bool) -> tuple[torch.Tensor, LSTMState]:
+        K, H = self.num, self.lstm.hidden_size
+        batch, steps = x.shape[-3:-1]
+        if state is None:
+            zeros = x.new_zeros(K, self.num_layers, batch, H)
+            state = (zeros, zeros)
+        h_last, c_last = [], []
+        for layer in range(self.num_layers):
+            ih, hh = self.factors[f"ih_l{layer}"], self.factors[f"hh_l{layer}"]
+            w_hh = getattr(self.lstm, f"weight_hh_l{layer}")
+            rows = x.reshape(-1, x.shape[-1]) if shared_input and layer == 0 else x.reshape(K, -1, x.shape[-1])
+            # Input projections of every step at once; both member biases ride in its epilogue.
+            x_gates = ih.all_members(rows, getattr(self.lstm, f"weight_ih_l{layer}"), ih.bias + hh.bias)
+            # unbind: one backward node for all steps (indexing step t would add a full-size
+            # zero gradient per step).
+            x_gates = x_gates.view(K, batch, steps, 4 * H).unbind(dim=2)
+            cell_dtype = torch.promote_types(x_gates[0].dtype, torch.float32)  # at least float32 under autocast
+            h, c = state[0][:, layer], state[1][:, layer].to(cell_dtype)
+            outs = []
+            for x_gates_t in x_gates:
+                # nn.LSTM's gate order (i, f, g, o).
+                gates = (x_gates_t + hh.all_members(h, w_hh, None)).to(cell_dtype)
+                i, f, g, o = gates.chunk(4, dim=-1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = (torch.sigmoid(o) * torch.tanh(c)).to(x_gates_t.dtype)
+                outs.append(h)
+            x = torch.stack(outs, dim=2)
+            h_last.append(h)
+            c_last.append(c.to(h.dtype))
+        return x, (torch.stack(h_last, dim=1), torch.stack(c_last, dim=1))
 
     def averaged_state(self) -> dict[str, torch.Tensor]:
         state = {}
@@ -99,25 +154,25 @@ class LSTMLM(nn.Module):
         if isinstance(member, int):
             out, new_state = self.rnn(x, state, member)
             return self.decoder(out), new_state
+        how = self.cfg.lstm_members
+        if how == "auto":
+            how = "fused" if x.is_cuda else "folded"
         if member == "all":
-            outs, states = zip(*(self.rnn(x, None if state is None else _unstack(state, k), k) for k in range(self.num)))
-            return self.decoder(torch.stack(outs)), _stack(states)
-        return self._forward_parallel(x, state)
+            out, new_state = self.rnn.all_members(x, state, shared_input=True, how=how)
+            return self.decoder(out), new_state
+        return self._forward_parallel(x, state, how)
 
-    def _forward_parallel(self, x: torch.Tensor, state: LSTMState | None):
+    def _forward_parallel(self, x: torch.Tensor, state: LSTMState | None, how: str):
         """Row b through member b % K; state keeps the batch layout (layers, B, H)."""
         batch, K = x.shape[0], self.num
         if batch % K:
             raise ValueError(f"member='parallel' needs a batch that is a multiple of K={K}, got {batch} rows")
-        outs, states = [], []
-        for k in range(K):
-            member_state = None if state is None else (state[0][:, k::K], state[1][:, k::K])
-            out, st = self.rnn(x[k::K], member_state, k)
-            outs.append(out)
-            states.append(st)
-        out = torch.stack(outs, dim=1).flatten(0, 1)  # (B/K, K, T, H) -> (B, T, H), row b = member b % K
-        h = torch.stack([s[0] for s in states], dim=2).flatten(1, 2)
-        c = torch.stack([s[1] for s in states], dim=2).flatten(1, 2)
+        # Batch row b = j*K + k is row j of member k: (B, ...) <-> (K, B/K, ...).
+        to_members = lambda t, dim: t.unflatten(dim, (-1, K)).movedim(dim + 1, 0)  # noqa: E731
+        member_state = None if state is None else tuple(to_members(s, 1) for s in state)
+        out, (h, c) = self.rnn.all_members(to_members(x, 0), member_state, shared_input=False, how=how)
+        out = out.movedim(0, 1).flatten(0, 1)
+        h, c = (s.movedim(0, 2).flatten(1, 2) for s in (h, c))
         return self.decoder(out), (h, c)
 
 
