@@ -345,16 +345,19 @@ class MemberOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
                 if self.active is not None and not 0 <= self.active < p.shape[0]:
                     raise ValueError(f"active member {self.active} out of range for {p.shape[0]} members")
-                rows = slice(None) if self.active is None else slice(self.active, self.active + 1)
-                state = self.state[p]
-                if not state:
-                    self._init_state(p, state)
-                self._update(p[rows], p.grad[rows], {k: v[rows] for k, v in state.items()}, group)
+                if not self.state[p]:
+                    self._init_state(p, self.state[p])
+            rows = slice(None) if self.active is None else slice(self.active, self.active + 1)
+            # One update over views of the selected rows of every tensor: foreach ops, so the
+            # cost is a few kernels per group rather than a dozen per tensor.
+            states = [{k: v[rows] for k, v in self.state[p].items()} for p in params]
+            self._update([p[rows] for p in params], [p.grad[rows] for p in params], states, group)
         return loss
 
     @torch.no_grad()
@@ -369,8 +372,8 @@ class MemberOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         """Create the per-row state of parameter `p` (every tensor has the rows along dim 0)."""
 
     @abc.abstractmethod
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
-        """Update the selected rows in place (p and state values are views of those rows)."""
+    def _update(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], group: dict) -> None:
+        """Update the selected rows of a group's tensors in place (params and state values are views)."""
 
 
 class MemberAdamW(MemberOptimizer):
@@ -392,22 +395,28 @@ class MemberAdamW(MemberOptimizer):
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, p, grad, state, group):
+    def _update(self, params, grads, states, group):
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        step = state["step"]
-        if step.device != p.device:
+        steps = [state["step"] for state in states]
+        if any(step.device != p.device for step, p in zip(steps, params)):
             raise RuntimeError("MemberAdamW state is on another device than its parameters; load it after moving the model")
-        step.add_(1)
-        shape = (-1,) + (1,) * (p.dim() - 1)
+        exp_avgs = [state["exp_avg"] for state in states]
+        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        torch._foreach_add_(steps, 1)
         if wd != 0:
-            p.mul_(1 - lr * wd)
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias1 = (1 - beta1 ** step).view(shape).to(p.dtype)
-        bias2_sqrt = (1 - beta2 ** step).sqrt().view(shape).to(p.dtype)
-        denom = (state["exp_avg_sq"].sqrt() / bias2_sqrt).add_(eps)
-        p.addcdiv_(state["exp_avg"] / bias1, denom, value=-lr)
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        # Each row's bias corrections from its own step count, as a column (rows, 1, ...).
+        columns = [(-1,) + (1,) * (p.dim() - 1) for p in params]
+        bias1 = [(1 - beta1**step).view(col).to(p.dtype) for step, col, p in zip(steps, columns, params)]
+        bias2_sqrt = [(1 - beta2**step).sqrt().view(col).to(p.dtype) for step, col, p in zip(steps, columns, params)]
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, torch._foreach_div(exp_avgs, bias1), denom, value=-lr)
 
 
 class MemberSGD(MemberOptimizer):
@@ -420,12 +429,15 @@ class MemberSGD(MemberOptimizer):
         if self.defaults["momentum"] != 0:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, p, grad, state, group):
+    def _update(self, params, grads, states, group):
         if group["weight_decay"] != 0:
-            grad = grad.add(p, alpha=group["weight_decay"])
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
         if group["momentum"] != 0:
-            grad = state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
-        p.add_(grad, alpha=-group["lr"])
+            buffers = [state["momentum_buffer"] for state in states]
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, grads)
+            grads = buffers
+        torch._foreach_add_(params, grads, alpha=-group["lr"])
 
 
 def build_optimizers(model: nn.Module, train_cfg, lp_cfg) -> tuple[torch.optim.Optimizer, MemberOptimizer | None]:

@@ -181,26 +181,28 @@ def test_member_schedule_sequential_and_parallel():
 
 
 def test_member_adamw_steps_only_the_active_row_and_matches_torch_adamw():
+    # Two tensors of different widths: the update runs over a list of row views at once.
     torch.manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(3, 5))
-    rows = [torch.nn.Parameter(p[k].detach().clone()) for k in range(3)]
-    opt = MemberAdamW([p], lr=0.05, betas=(0.8, 0.95), weight_decay=0.3)
-    refs = [torch.optim.AdamW([row], lr=0.05, betas=(0.8, 0.95), weight_decay=0.3) for row in rows]
+    params = [torch.nn.Parameter(torch.randn(3, 5)), torch.nn.Parameter(torch.randn(3, 2))]
+    rows = [[torch.nn.Parameter(p[k].detach().clone()) for k in range(3)] for p in params]
+    opt = MemberAdamW(params, lr=0.05, betas=(0.8, 0.95), weight_decay=0.3)
+    refs = [[torch.optim.AdamW([row], lr=0.05, betas=(0.8, 0.95), weight_decay=0.3) for row in p_rows] for p_rows in rows]
     for active in [1, 1, 0, 2, 1, None, 0]:
-        grad = torch.randn(3, 5)
-        before = p.detach().clone()
-        p.grad = grad.clone()
+        stepped = range(3) if active is None else [active]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        before = [p.detach().clone() for p in params]
         opt.active = active
         opt.step()
-        stepped = range(3) if active is None else [active]
-        for k in range(3):
-            if k in stepped:
-                rows[k].grad = grad[k].clone()
-                refs[k].step()
-                torch.testing.assert_close(p[k].detach(), rows[k].detach(), rtol=1e-6, atol=1e-7)
-            else:
-                assert torch.equal(p[k], before[k])
-    assert opt.state[p]["step"].tolist() == [3.0, 4.0, 2.0]
+        for p, old, p_rows, p_refs in zip(params, before, rows, refs):
+            for k in range(3):
+                if k in stepped:
+                    p_rows[k].grad = p.grad[k].clone()
+                    p_refs[k].step()
+                    torch.testing.assert_close(p[k].detach(), p_rows[k].detach(), rtol=1e-6, atol=1e-7)
+                else:
+                    assert torch.equal(p[k], old[k])
+    assert [opt.state[p]["step"].tolist() for p in params] == [[3.0, 4.0, 2.0]] * 2
 
 
 def test_member_sgd_matches_torch_sgd_on_the_active_row():
