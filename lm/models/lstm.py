@@ -167,13 +167,16 @@ class LSTMLM(nn.Module):
         batch, K = x.shape[0], self.num
         if batch % K:
             raise ValueError(f"member='parallel' needs a batch that is a multiple of K={K}, got {batch} rows")
-        # Batch row b = j*K + k is row j of member k: (B, ...) <-> (K, B/K, ...).
-        to_members = lambda t, dim: t.unflatten(dim, (-1, K)).movedim(dim + 1, 0)  # noqa: E731
-        member_state = None if state is None else tuple(to_members(s, 1) for s in state)
-        out, (h, c) = self.rnn.all_members(to_members(x, 0), member_state, shared_input=False, how=how)
+        member_state = None if state is None else tuple(_rows_to_members(s, 1, K) for s in state)
+        out, (h, c) = self.rnn.all_members(_rows_to_members(x, 0, K), member_state, shared_input=False, how=how)
         out = out.movedim(0, 1).flatten(0, 1)
         h, c = (s.movedim(0, 2).flatten(1, 2) for s in (h, c))
         return self.decoder(out), (h, c)
+
+
+def _rows_to_members(t: torch.Tensor, dim: int, members: int) -> torch.Tensor:
+    """Batch dim `dim` of size B -> a leading member dim: row b = j*K + k is row j of member k."""
+    return t.unflatten(dim, (-1, members)).movedim(dim + 1, 0)
 
 
 def _stack(states) -> LSTMState:
