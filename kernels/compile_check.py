@@ -1,11 +1,11 @@
-"""Ahead-of-time GPU compile check of every rank-1 kernel with every autotune config.
+"""Ahead-of-time GPU compile check of every kernel (rank-1 linear, LSTM cell) with every autotune config.
 
 The CPU interpreter accepts kernels that the GPU compiler rejects (for instance a tl.dot
 with a block dimension under 16), so this compiles each kernel, for each config the
 autotuner may pick, for float32 and bfloat16, to a cubin for the H100 (sm_90) and the A100
 (sm_80). No GPU is needed: `triton.compile` with an explicit `GPUTarget`. It also checks
-that the bf16 forward on sm_90 uses Hopper's wgmma instructions, that every main loop is
-software-pipelined (cp.async copies in the PTX), also for sizes that are multiples of 4
+that the bf16 forward on sm_90 uses Hopper's wgmma instructions, that every matmul main loop
+is software-pipelined (cp.async copies in the PTX), also for sizes that are multiples of 4
 only, and reports the shared memory each config needs (configs above a device's limit are
 skipped by the autotuner at run time, so at least one config per kernel must fit).
 
@@ -27,9 +27,12 @@ from dataclasses import asdict, dataclass
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
 DTYPES = ("fp32", "bf16")
 # The launch-time flags every kernel is compiled with (the slower branch where there is one).
-FLAGS = {"HAS_BIAS": True, "DOT_PRECISION": "tf32", "UPCAST": False}
-# Buffers the dW kernel accumulates into with float32 atomics, whatever the input dtype.
-FLOAT32_OUTPUTS = {"dw_ptr", "dr_ptr", "ds_ptr", "db_ptr"}
+FLAGS = {"HAS_BIAS": True, "DOT_PRECISION": "tf32", "UPCAST": False, "SAVE": True}
+# float32 buffers whatever the input dtype: the dW kernel's atomic accumulators, the LSTM
+# cell state and saved gate activations.
+FLOAT32_POINTERS = {"dw_ptr", "dr_ptr", "ds_ptr", "db_ptr", "c_prev_ptr", "c_ptr", "act_ptr", "dc_ptr", "dc_prev_ptr"}
+# Kernels with a main loop over tiles, which must be software-pipelined; the rest are pointwise.
+MATMUL_KERNELS = {"forward", "dx", "dw"}
 # The launches being mirrored: contiguous tensors. The JIT turns an int argument equal to 1
 # into a constant (the innermost strides) and marks 16-aligned pointers and ints divisible by
 # 16. Layout "aligned16": every size a multiple of 16 (d_model 512, 4H = 2000): all configs,
@@ -59,19 +62,21 @@ class CompileResult:
 
 
 def _kernels() -> dict:
-    from kernels import rank1
+    from kernels import lstm, rank1
 
     return {
         "forward": (rank1._rank1_fwd_kernel, rank1.FORWARD_CONFIGS),
         "dx": (rank1._rank1_dx_kernel, rank1.DX_CONFIGS),
         "dw": (rank1._rank1_dw_kernel, rank1.DW_CONFIGS),
+        "cell_fwd": (lstm._lstm_cell_fwd_kernel, lstm.CELL_CONFIGS),
+        "cell_bwd": (lstm._lstm_cell_bwd_kernel, lstm.CELL_CONFIGS),
     }
 
 
 def _describe(config) -> str:
-    kw = config.kwargs
-    return (f"M{kw['BLOCK_M']}-N{kw['BLOCK_N']}-D{kw['BLOCK_D']}"
-            f"-w{config.num_warps}-s{config.num_stages}")
+    blocks = "-".join(f"{name.removeprefix('BLOCK_')}{value}" for name, value in config.kwargs.items()
+                      if name.startswith("BLOCK_"))
+    return f"{blocks}-w{config.num_warps}-s{config.num_stages}"
 
 
 def _source(fn, config, dtype: str, layout: str):
@@ -89,7 +94,7 @@ def _source(fn, config, dtype: str, layout: str):
             signature[name] = "constexpr"
             constexprs[name] = 1
         elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in FLOAT32_OUTPUTS else f"*{dtype}"
+            signature[name] = "*fp32" if name in FLOAT32_POINTERS else f"*{dtype}"
             attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
@@ -140,10 +145,10 @@ def run_checks(archs: list[int], jobs: int) -> list[CompileResult]:
 
 def problems(results: list[CompileResult], archs: list[int]) -> list[str]:
     """What would break or be slow on a GPU: rejected configs, kernels with no config that fits,
-    main loops left unpipelined, a bf16 forward without wgmma on sm_90."""
+    matmul main loops left unpipelined, a bf16 forward without wgmma on sm_90."""
     found = [f"{r.kernel} {r.config} {r.dtype} sm_{r.arch} {r.layout}: {r.error}" for r in results if not r.ok]
     found += [f"{r.kernel} {r.config} {r.dtype} sm_{r.arch} {r.layout}: main loop not pipelined (no cp.async)"
-              for r in results if r.ok and not r.pipelined]
+              for r in results if r.ok and r.kernel in MATMUL_KERNELS and not r.pipelined]
     groups = {(r.kernel, r.dtype, r.arch) for r in results}
     for kernel, dtype, arch in sorted(groups):
         if not any(r.fits for r in results if (r.kernel, r.dtype, r.arch) == (kernel, dtype, arch)):
@@ -156,7 +161,7 @@ def problems(results: list[CompileResult], archs: list[int]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kernels.compile_check",
-        description="Compile every rank-1 kernel and autotune config for sm_90 and sm_80 (no GPU needed).",
+        description="Compile every kernel and autotune config for sm_90 and sm_80 (no GPU needed).",
     )
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SHARED_MEMORY_LIMIT),
                         help="CUDA compute capabilities to compile for (default: 90 80)")

@@ -309,8 +309,9 @@ def _rank1_dw_kernel(
 # --------------------------------------------------------------------------------------
 # Launchers.
 # --------------------------------------------------------------------------------------
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocation of every buffer a kernel stores into without reading (tests poison it with NaN)."""
+def output_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocation of every buffer our kernels (here and in kernels/lstm.py) store into without
+    reading; the tests replace it with NaN-filled buffers to catch unwritten elements."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -356,7 +357,7 @@ def _forward(x3: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: torch.T
              bias: torch.Tensor | None, shared: bool) -> torch.Tensor:
     members, n = r.shape
     m, d = x3.shape[-2], x3.shape[-1]
-    y = _empty((members, m, n), x3.dtype, x3.device)
+    y = output_buffer((members, m, n), x3.dtype, x3.device)
     b = bias if bias is not None else r  # any valid pointer; HAS_BIAS=False never reads it
     stride_bk = 0 if bias is None or bias.dim() == 1 else bias.stride(0)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), members)
@@ -381,7 +382,7 @@ def _backward_dx(dy: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: tor
     members, m, n = dy.shape
     d = weight.shape[1]
     groups, per_program = (1, members) if shared else (members, 1)
-    dx = _empty((groups, m, d), dy.dtype, dy.device)
+    dx = output_buffer((groups, m, d), dy.dtype, dy.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_D"]), groups)
     _rank1_dx_kernel[grid](
         dy, weight, r, s, dx,

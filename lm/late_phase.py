@@ -57,12 +57,13 @@ class Rank1Factors(MemberRows):
     counterpart; the bias row is `bias_init` copied to every row), so before T0 every row
     is already the tied value and rank1 (K=1) and late_phase draw the same random numbers.
 
-    `rank1_impl` is handed to kernels.rank1_linear when all members run at once ("auto" picks
-    the Triton kernel on CUDA or under TRITON_INTERPRET=1, eager otherwise); set it on the
-    class to force one, e.g. "eager" in CPU tests, where the Triton interpreter is slow.
+    `kernel_impl` is handed to our kernels (kernels.rank1_linear, and kernels.lstm_cell in the
+    LSTM) when all members run at once ("auto" picks Triton on CUDA or under TRITON_INTERPRET=1,
+    eager otherwise); set it on the class to force one, e.g. "eager" in CPU tests, where the
+    Triton interpreter is slow.
     """
 
-    rank1_impl: str = "auto"
+    kernel_impl: str = "auto"
 
     def __init__(self, num: int, d_out: int, d_in: int, bias_init: torch.Tensor | None = None):
         super().__init__()
@@ -78,7 +79,7 @@ class Rank1Factors(MemberRows):
         """Every member at once, ((x_k * s_k) W^T) * r_k + bias_k, through kernels.rank1_linear.
 
         x: (K, M, d_in) (row block k through member k) or (M, d_in) (shared) -> (K, M, d_out)."""
-        return rank1_linear(x, weight, self.r, self.s, bias, impl=self.rank1_impl)
+        return rank1_linear(x, weight, self.r, self.s, bias, impl=self.kernel_impl)
 
     def member_bias(self, member: int) -> torch.Tensor | None:
         return None if self.bias is None else self.bias[member]

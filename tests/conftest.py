@@ -8,6 +8,8 @@
 """
 import os
 
+import pytest
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402  (after OMP_NUM_THREADS, which torch reads at import)
@@ -15,3 +17,18 @@ import torch  # noqa: E402  (after OMP_NUM_THREADS, which torch reads at import)
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every buffer our kernels store into starts as NaN; returns the allocations' shapes."""
+    from kernels import rank1
+
+    allocations = []
+
+    def poisoned(shape, dtype, device):
+        allocations.append(shape)
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(rank1, "output_buffer", poisoned)
+    return allocations

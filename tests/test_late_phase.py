@@ -36,7 +36,7 @@ TINY = {
 @pytest.fixture(autouse=True)
 def fast_tiny_models(monkeypatch):
     # The Triton interpreter takes seconds per call; the kernel's own tests cover it.
-    monkeypatch.setattr(Rank1Factors, "rank1_impl", "eager")
+    monkeypatch.setattr(Rank1Factors, "kernel_impl", "eager")
     # Tiny models: a second intra-op thread only adds OpenMP spin-waiting on a busy machine.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

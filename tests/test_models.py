@@ -156,18 +156,26 @@ def test_bad_member_arguments_give_one_line_errors():
     ModelConfig(family="transformer", vocab_size=256, d_model=16, n_layers=1, n_heads=2, max_seq_len=8),
     ModelConfig(family="lstm", vocab_size=256, embed_dim=8, hidden_size=12, num_layers=1, lstm_members="fused"),
 ], ids=["transformer", "lstm"])
-def test_rank1_kernel_path_agrees_with_eager(monkeypatch, cfg):
-    # One small pass through kernels.rank1_linear's default dispatch (Triton, interpreted on CPU).
-    monkeypatch.setattr(Rank1Factors, "rank1_impl", "auto")
+def test_kernel_path_agrees_with_eager(monkeypatch, cfg):
+    # One small pass, forward and backward, through the kernels' default dispatch (Triton,
+    # interpreted on CPU): kernels.rank1_linear, and for the LSTM kernels.lstm_cell.
     torch.manual_seed(1)
     model = build_model(cfg, LatePhaseConfig(mode="late_phase", K=2))
     with torch.no_grad():
         for p in late_phase_parameters(model):
             p.add_(0.2 * torch.randn_like(p))
     x = torch.randint(0, 256, (2, 4))
-    kernel, _ = model(x, None, "all")
-    monkeypatch.setattr(Rank1Factors, "rank1_impl", "eager")
-    torch.testing.assert_close(kernel, model(x, None, "all")[0], rtol=1e-4, atol=1e-4)
+    weights = torch.randn(2, 2, 4, 256)
+    grads = {}
+    for impl in ("auto", "eager"):
+        monkeypatch.setattr(Rank1Factors, "kernel_impl", impl)
+        model.zero_grad()
+        logits, _ = model(x, None, "all")
+        (logits * weights).sum().backward()
+        grads[impl] = (logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()})
+    torch.testing.assert_close(grads["auto"][0], grads["eager"][0], rtol=1e-4, atol=1e-4)
+    for name, grad in grads["auto"][1].items():
+        torch.testing.assert_close(grad, grads["eager"][1][name], rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_paper_lstm_and_recommended_transformer_sizes():

@@ -14,8 +14,8 @@ nn.LSTM through torch.func.functional_call, so autograd reaches W, r and s.
 All members at once ("parallel", "all") run one of two ways (`model.lstm_members`):
 - fused: kernels.rank1_linear applies every member's factors to the shared W in one call, for
   the input projections of all time steps at once and then for the recurrent product at each
-  step; the cell's pointwise update runs over all members together. W is read once per step
-  whatever K is, and a window costs T steps for all members instead of K x T.
+  step; kernels.lstm_cell does the cell's pointwise update for all members in one launch. W is
+  read once per step whatever K is, and a window costs T steps for all members instead of K x T.
 - folded: one nn.LSTM per member on its rows (the fused recurrence, K times).
 `auto` picks fused on CUDA, where a small-batch recurrence is bound by per-step latency, so K
 nn.LSTM calls cost about K times one; and folded on CPU, where oneDNN's LSTM on B/K rows beats
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from kernels import lstm_cell
 from lm.config import ModelConfig
 from lm.late_phase import Member, Rank1Factors, check_member
 
@@ -108,15 +109,10 @@ class LatePhaseLSTM(nn.Module):
             # unbind: one backward node for all steps (indexing step t would add a full-size
             # zero gradient per step).
             x_gates = x_gates.view(K, batch, steps, 4 * H).unbind(dim=2)
-            cell_dtype = torch.promote_types(x_gates[0].dtype, torch.float32)  # at least float32 under autocast
-            h, c = state[0][:, layer], state[1][:, layer].to(cell_dtype)
+            h, c = state[0][:, layer], state[1][:, layer]
             outs = []
             for x_gates_t in x_gates:
-                # nn.LSTM's gate order (i, f, g, o).
-                gates = (x_gates_t + hh.all_members(h, w_hh, None)).to(cell_dtype)
-                i, f, g, o = gates.chunk(4, dim=-1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h = (torch.sigmoid(o) * torch.tanh(c)).to(x_gates_t.dtype)
+                h, c = lstm_cell(x_gates_t, hh.all_members(h, w_hh, None), c, impl=hh.kernel_impl)
                 outs.append(h)
             x = torch.stack(outs, dim=2)
             h_last.append(h)

@@ -1,4 +1,4 @@
-"""Every rank-1 kernel and autotune config compiles for the H100 (sm_90) and A100 (sm_80).
+"""Every kernel (rank-1 linear, LSTM cell) and autotune config compiles for the H100 (sm_90) and A100 (sm_80).
 
 The CPU interpreter runs kernels the GPU compiler would reject, so the interpreted tests
 alone cannot show that the kernels build on a GPU. `kernels.compile_check` compiles them
@@ -14,7 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kernels import rank1
+from kernels import lstm, rank1
+from kernels.compile_check import MATMUL_KERNELS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,14 +30,16 @@ def test_every_kernel_and_config_compiles_for_sm90_and_sm80(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads(report.read_text())
 
-    n_configs = len(rank1.FORWARD_CONFIGS) + len(rank1.DX_CONFIGS) + len(rank1.DW_CONFIGS)
-    # Every config x (fp32, bf16) x (sm_90, sm_80), plus the first config of each of the three
+    n_configs = (len(rank1.FORWARD_CONFIGS) + len(rank1.DX_CONFIGS) + len(rank1.DW_CONFIGS)
+                 + 2 * len(lstm.CELL_CONFIGS))
+    # Every config x (fp32, bf16) x (sm_90, sm_80), plus the first config of each of the five
     # kernels with sizes that are multiples of 4 only (bf16, both archs).
-    assert len(results) == n_configs * 2 * 2 + 3 * 2
+    assert len(results) == n_configs * 2 * 2 + 5 * 2
+    assert {r["kernel"] for r in results} == MATMUL_KERNELS | {"cell_fwd", "cell_bwd"}
     assert all(r["ok"] for r in results)
-    # Every main loop is software-pipelined (cp.async copies), also when the sizes are not
-    # multiples of 16 (the LSTM's d_in = 500), thanks to the kernels' ALIGN hints.
-    assert all(r["pipelined"] for r in results)
+    # Every matmul main loop is software-pipelined (cp.async copies), also when the sizes are
+    # not multiples of 16 (the LSTM's d_in = 500), thanks to the kernels' ALIGN hints.
+    assert all(r["pipelined"] for r in results if r["kernel"] in MATMUL_KERNELS)
     forward_bf16_sm90 = [r for r in results if (r["kernel"], r["dtype"], r["arch"]) == ("forward", "bf16", 90)]
     assert len(forward_bf16_sm90) == len(rank1.FORWARD_CONFIGS) + 1
     assert all(r["wgmma"] for r in forward_bf16_sm90)
