@@ -7,6 +7,25 @@ from typing import NoReturn
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from lm.config import ConfigError
+
+# Sharded training splits parameters across processes, and with them the (K, d) member rows
+# the member optimisers step one row at a time; these models (at most tens of millions of
+# parameters) fit on one device, so data parallelism is the tool.
+SHARDED = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
+           DistributedType.MEGATRON_LM: "Megatron-LM"}
+
+
+def check_distributed_type(distributed_type: DistributedType) -> None:
+    """Raise a one-line ConfigError for an Accelerate setup this stack does not run."""
+    if distributed_type in SHARDED:
+        raise ConfigError(
+            f"{SHARDED[distributed_type]} is not supported: late-phase member rows must stay whole on every "
+            "process; run data-parallel instead (accelerate launch --multi_gpu, or an accelerate config without "
+            f"{SHARDED[distributed_type]})"
+        )
 
 
 def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1,
@@ -24,8 +43,10 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
     # Accelerate treats a torchrun launch without GPUs as one process each unless told it is a CPU
     # run; cpu=True then gives MULTI_CPU over gloo (accelerate launch --cpu sets the same flag).
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
-                       cpu=multi_cpu, log_with=trackers or None, project_dir=project_dir)
+    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
+                              cpu=multi_cpu, log_with=trackers or None, project_dir=project_dir)
+    check_distributed_type(accelerator.distributed_type)
+    return accelerator
 
 
 def exit_process(code: int) -> NoReturn:

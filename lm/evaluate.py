@@ -337,7 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
 
-    accelerator = make_accelerator()
+    try:
+        accelerator = make_accelerator()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         kinds = None if args.models is None else [k.strip() for k in args.models.split(",") if k.strip()]
         results, notes = evaluate_run(

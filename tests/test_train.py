@@ -394,3 +394,18 @@ def test_trackers_get_the_config_every_metrics_line_and_the_final_bpc(tmp_path, 
     final_step, final = tracker.logs[-1]
     assert final_step == 12 and final["test_bpc/averaged"] == results["test"]["averaged"]
     assert tracker.finished
+
+
+@pytest.mark.parametrize("distributed_type", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
+def test_sharded_setups_are_refused_with_one_line(distributed_type):
+    # FSDP and friends need GPUs, so the check itself is what runs here.
+    from accelerate.utils import DistributedType
+
+    from lm.accelerator import check_distributed_type
+    from lm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"not supported: .*accelerate launch --multi_gpu") as info:
+        check_distributed_type(DistributedType[distributed_type])
+    assert "\n" not in str(info.value)
+    for fine in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        check_distributed_type(DistributedType[fine])
