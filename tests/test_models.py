@@ -59,6 +59,15 @@ def test_member_modes_shapes_and_agreement(name):
     assert not torch.allclose(everyone[0], everyone[1])  # the members really differ
 
 
+def test_lstm_all_members_way_defaults_to_fused_on_cuda_only():
+    from lm.models.lstm import all_members_way
+
+    assert all_members_way("auto", torch.device("cuda", 0)) == "fused"
+    assert all_members_way("auto", torch.device("cpu")) == "folded"
+    assert all_members_way("folded", torch.device("cuda")) == "folded"
+    assert all_members_way("fused", torch.device("cpu")) == "fused"
+
+
 @pytest.mark.parametrize("name", ["lstm", "lstm_fused"])
 def test_lstm_state_carries_across_windows_in_every_mode(name):
     model = late_model(name)

@@ -150,9 +150,7 @@ class LSTMLM(nn.Module):
         if isinstance(member, int):
             out, new_state = self.rnn(x, state, member)
             return self.decoder(out), new_state
-        how = self.cfg.lstm_members
-        if how == "auto":
-            how = "fused" if x.is_cuda else "folded"
+        how = all_members_way(self.cfg.lstm_members, x.device)
         if member == "all":
             out, new_state = self.rnn.all_members(x, state, shared_input=True, how=how)
             return self.decoder(out), new_state
@@ -168,6 +166,13 @@ class LSTMLM(nn.Module):
         out = out.movedim(0, 1).flatten(0, 1)
         h, c = (s.movedim(0, 2).flatten(1, 2) for s in (h, c))
         return self.decoder(out), (h, c)
+
+
+def all_members_way(setting: str, device: torch.device) -> str:
+    """model.lstm_members resolved: "auto" is fused on CUDA and folded elsewhere (module docstring)."""
+    if setting != "auto":
+        return setting
+    return "fused" if device.type == "cuda" else "folded"
 
 
 def _rows_to_members(t: torch.Tensor, dim: int, members: int) -> torch.Tensor:
