@@ -10,7 +10,10 @@ For one config, in one process, on one device, times
   schedule both ways, model.lstm_members fused and folded).
 chars/s = bytes of the targets consumed / wall seconds, over the timed steps only (warm-up
 steps excluded); the best of `--repeats` rounds is reported, the variants taking turns so
-that load from elsewhere on the machine hits them alike.
+that load from elsewhere on the machine hits them alike. For a byte-level Transformer trained
+in bf16/fp16 on a GPU it also prints the model-FLOPs utilisation (`transformer_flops_per_token`
+over the device's dense 16-bit peak; the late-phase variants count the plain model's FLOPs, so
+their MFU is useful work only).
 """
 from __future__ import annotations
 
@@ -24,13 +27,37 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from data.batches import StreamBatches, WindowBatches
 from data.prepare import DataError
 from lm.accelerator import make_accelerator
 from lm.config import Config, ConfigError, load_config
+from lm.late_phase import LatePhaseLinear
 from lm.models import build_model, detach_state
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s, datasheets, without sparsity), matched in order
+# against torch.cuda.get_device_name(); --peak-tflops overrides.
+PEAK_16BIT_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0)]
+
+
+def transformer_flops_per_token(cfg: Config) -> float:
+    """Training FLOPs per token, forward and backward, of cfg's plain Transformer (PaLM's count,
+    appendix B): 6 per weight of every matrix product, plus 12 x layers x d_model x context for
+    the attention scores and their weighted sums (causal masking not discounted)."""
+    with torch.device("meta"):
+        model = build_model(cfg.model, type(cfg.late_phase)(mode="plain"))
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, LatePhaseLinear)))
+    m = cfg.model
+    return 6.0 * weights + 12.0 * m.n_layers * m.d_model * cfg.train.seq_len
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_16BIT_TFLOPS if key in name), None)
 
 
 def measure_chars_per_second(step: Callable[[], int], steps: int, device: torch.device) -> float:
@@ -147,7 +174,9 @@ def bench(cfg: Config, steps: int, warmup: int, repeats: int) -> tuple[dict[str,
     return best, notes, accelerator.device
 
 
-def format_report(results: dict[str, float]) -> str:
+def format_report(results: dict[str, float], flops_per_byte: float | None = None,
+                  peak: float | None = None) -> str:
+    """One line per variant with its ratio; with flops_per_byte and a peak (TFLOP/s), its MFU."""
     minimal, plain = results.get("minimal loop (plain)"), results.get("plain")
     width = max(len(name) for name in results) + len("ours: ")
     lines = []
@@ -161,6 +190,8 @@ def format_report(results: dict[str, float]) -> str:
                 ratio = f"cost per byte {plain / speed:.3f}x plain"
             else:
                 ratio = f"{speed / plain:.3f}x plain"
+        if flops_per_byte and peak:
+            ratio += f"{'  ' if ratio else ''}MFU {100 * speed * flops_per_byte / (peak * 1e12):.1f}%"
         lines.append(f"{label:<{width}}  {speed:>12,.0f} chars/s  {ratio}".rstrip())
     return "\n".join(lines)
 
@@ -176,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5; late_phase spawns at 1)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the fastest is reported (default 3)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16 peak for the MFU (default: known GPUs' datasheet figure)")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = parser.parse_args(argv)
     try:
@@ -187,9 +220,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t = cfg.train
-    print(f"{args.config}: {cfg.model.family}, batch {t.batch_size} x {t.seq_len} tokens, {device}, "
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{args.config}: {cfg.model.family}, batch {t.batch_size} x {t.seq_len} tokens, {name}, "
           f"torch {torch.__version__}; {args.warmup} warm-up steps, best of {args.repeats} x {args.steps} steps")
-    print(format_report(results))
+    flops_per_byte = peak = None
+    if cfg.model.family == "transformer" and cfg.data.tokenizer == "bytes" and t.mixed_precision != "no":
+        flops_per_byte = transformer_flops_per_token(cfg)
+        peak = args.peak_tflops or peak_tflops(device)
+        if peak:
+            print(f"model FLOPs: {flops_per_byte / 1e6:.1f} MFLOP per byte (6 per weight + attention); "
+                  f"MFU against a {peak:g} TFLOP/s dense 16-bit peak")
+    print(format_report(results, flops_per_byte, peak))
     for note in notes:
         print(f"note: {note}")
     return 0

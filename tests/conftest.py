@@ -2,6 +2,9 @@
 
 - Without a GPU, Triton kernels run in Triton's CPU interpreter. The variable must be set
   before triton is first imported, because `triton.jit` reads it when a kernel is decorated.
+- On a machine with CUDA the interpreter stays off, so that tests/test_gpu.py checks the compiled
+  kernels; the modules marked `interpreter` (Triton on CPU tensors) are then skipped unless
+  TRITON_INTERPRET=1 is set by hand.
 - One intra-op thread per process: the suite's tensors are tiny, and the multi-process tests
   start two workers on a 2-core machine, where more threads only oversubscribe the cores.
   Subprocesses inherit both variables.
@@ -17,6 +20,17 @@ import torch  # noqa: E402  (after OMP_NUM_THREADS, which torch reads at import)
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    from kernels.rank1 import interpreting
+
+    if interpreting():
+        return
+    skip = pytest.mark.skip(reason="runs Triton on CPU tensors: set TRITON_INTERPRET=1 (automatic without CUDA)")
+    for item in items:
+        if "interpreter" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

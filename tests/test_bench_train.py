@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lm.bench_train as bench_train
-from lm.config import load_config
+from lm.config import Config, ModelConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -80,3 +80,20 @@ def test_bad_config_is_one_line_error(tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1
     with pytest.raises(SystemExit):
         bench_train.main([])
+
+
+def test_transformer_flops_per_token_by_hand():
+    cfg = Config()
+    cfg.model = ModelConfig(family="transformer", vocab_size=256, d_model=16, n_layers=1, n_heads=2, mlp_ratio=4)
+    cfg.train.seq_len = 8
+    # weights: qkv 16x48 + out 16x16 + fc 16x64 + proj 64x16 + head 16x256 = 7168; attention 12 x 1 x 16 x 8
+    assert bench_train.transformer_flops_per_token(cfg) == 6 * 7168 + 12 * 16 * 8
+
+
+def test_report_gives_ratios_and_mfu():
+    results = {"minimal loop (plain)": 2000.0, "plain": 1800.0, "late_phase sequential (K=4)": 1620.0,
+               "late_phase parallel (K=4)": 1500.0}
+    lines = bench_train.format_report(results, flops_per_byte=1e9, peak=100.0).splitlines()
+    assert "0.900x the minimal loop" in lines[1] and "MFU 1.8%" in lines[1]  # 1800 x 1e9 / 1e14
+    assert "0.900x plain" in lines[2] and "cost per byte 1.200x plain" in lines[3]
+    assert "MFU" not in bench_train.format_report(results)

@@ -11,6 +11,9 @@ import torch
 
 import kernels
 
+# Triton on CPU tensors: runs only under TRITON_INTERPRET=1 (see conftest.py).
+pytestmark = pytest.mark.interpreter
+
 K, B, T, H = 3, 5, 4, 7
 # Largest error allowed, relative to the largest magnitude of the float64 reference.
 TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 2e-2}

@@ -17,6 +17,9 @@ import triton
 import kernels
 from kernels import rank1
 
+# Triton on CPU tensors: runs only under TRITON_INTERPRET=1 (see conftest.py).
+pytestmark = pytest.mark.interpreter
+
 K_VALUES = (1, 3)
 M, D_IN, D_OUT = 7, 33, 17
 # Largest error allowed, relative to the largest magnitude of the float64 reference.

@@ -10,6 +10,9 @@ import torch
 
 from kernels import bench
 
+# Triton on CPU tensors: runs only under TRITON_INTERPRET=1 (see conftest.py).
+pytestmark = pytest.mark.interpreter
+
 TINY_GRID = {"layers": [("tiny", 8, 12)], "members": [2], "rows": [4]}
 
 

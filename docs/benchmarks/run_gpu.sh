@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks behind docs/benchmarks/{rank1,training}.md, in stages:
+#   bash docs/benchmarks/run_gpu.sh STAGE [STAGE ...]
+#   env    device, driver and package versions
+#   check  tests/test_gpu.py: compiled kernels and CUDA training against float64 references
+#   quick  python -m kernels.bench --quick (bf16)
+#   train  python -m lm.bench_train on the paper's LSTM and the Transformer (synthetic bytes)
+#   grid1 / grid2  the bf16 rank-1 grid, in two halves of the layers (each under 10 minutes)
+#   fp32   the quick grid in float32
+# Logs and tables go to $OUT (default ./gpu_out). Each stage has its own time limit, so one
+# that hangs does not take the rest with it.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+SYNTH="data.corpus=synthetic data.dir=/tmp/bench_synth data.synthetic_bytes=20000000"
+
+stage() {  # stage NAME LIMIT_SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name: $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
+    echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
+}
+
+for s in "$@"; do
+    case $s in
+    env)
+        stage env 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
+            python3 -c "import sys, torch, triton, accelerate; print(sys.version.split()[0], \"torch\", torch.__version__,
+            \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"accelerate\", accelerate.__version__)"' ;;
+    check)
+        stage check 300 python3 -m pytest tests/test_gpu.py -q -rs --durations=5 ;;
+    quick)
+        stage quick 300 python3 -m kernels.bench --quick --dtype bf16 --out "$OUT/rank1_quick" ;;
+    train)
+        stage train 150 python3 -m lm.bench_train --config configs/enwik8_lstm_late_phase.yaml --steps 10 \
+            $SYNTH train.batch_size=120
+        stage train 150 python3 -m lm.bench_train --config configs/enwik8_transformer_late_phase_parallel.yaml \
+            --steps 20 $SYNTH ;;
+    grid1)
+        stage grid1 580 python3 -m kernels.bench --dtype bf16 --layers lstm-500 lstm-756 tf512-mlp-in \
+            --out "$OUT/rank1_bf16_part1" ;;
+    grid2)
+        stage grid2 580 python3 -m kernels.bench --dtype bf16 --layers tf512-mlp-out tf1024-mlp-in tf1024-mlp-out \
+            --out "$OUT/rank1_bf16_part2" ;;
+    fp32)
+        stage fp32 300 python3 -m kernels.bench --quick --dtype fp32 --out "$OUT/rank1_fp32_quick" ;;
+    *)
+        echo "unknown stage $s" >&2
+        exit 2 ;;
+    esac
+done

@@ -1,0 +1,214 @@
+"""The compiled kernels and the training stack on a CUDA GPU, against float64 references.
+
+CI has no GPU, so this module is skipped there; on a GPU machine run it with
+`python -m pytest tests/test_gpu.py` (TRITON_INTERPRET unset). The CPU suite checks the same
+kernels in Triton's interpreter, which accepts programs the GPU compiler treats differently
+(layouts, pipelining, tensor-core dots, atomics) and runs one config only: here every autotune
+config of every kernel runs on ragged sizes, the autotuner itself picks on realistic ones, and
+every buffer a kernel stores into starts NaN-poisoned.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+import train_lm
+from kernels import lstm as lstm_kernels
+from kernels import rank1
+from kernels.rank1 import interpreting
+from lm.config import LatePhaseConfig, ModelConfig
+from lm.late_phase import Rank1Factors, late_phase_parameters
+from lm.models import build_model
+from tests.test_train import fresh_accelerate_state  # noqa: F401 (autouse: Accelerate's state per test)
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or interpreting(),
+    reason="needs a CUDA GPU with compiled Triton kernels (TRITON_INTERPRET unset)",
+)
+
+REPO = Path(__file__).resolve().parent.parent
+# Relative to the largest magnitude of the float64 reference. IEEE float32 dots differ from
+# float64 by summation order only; bf16/fp16 round the scaled operands and the output.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+TF32_TOLERANCE = 5e-3
+RANK1_KERNELS = {
+    rank1._rank1_fwd_kernel: rank1.FORWARD_CONFIGS,
+    rank1._rank1_dx_kernel: rank1.DX_CONFIGS,
+    rank1._rank1_dw_kernel: rank1.DW_CONFIGS,
+}
+CELL_KERNELS = (lstm_kernels._lstm_cell_fwd_kernel, lstm_kernels._lstm_cell_bwd_kernel)
+
+
+@pytest.fixture(autouse=True)
+def _poison_every_output(poisoned_outputs):
+    """NaN-filled output buffers (conftest.py), so an unwritten element fails the comparison."""
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+def rank1_reference(x, weight, r, s, bias):
+    """float64 out[k] = x_k @ (W * r_k s_kᵀ)ᵀ + b_k with each member's weight materialised."""
+    members = r.shape[0]
+    xs = x if x.dim() == 3 else x.expand(members, *x.shape)
+    bias_rows = torch.zeros_like(r) if bias is None else bias.expand(members, -1)
+    return torch.stack([xs[k] @ (weight * torch.outer(r[k], s[k])).t() + bias_rows[k] for k in range(members)])
+
+
+def check_rank1(members, rows, d_in, d_out, dtype, shared_x, bias_kind, generator, tolerance=None):
+    """Forward and all five gradients of the fused kernels vs float64, on fresh random inputs."""
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=generator)).to("cuda", dtype).requires_grad_()
+
+    x = randn(*((rows, d_in) if shared_x else (members, rows, d_in)))
+    weight = randn(d_out, d_in, scale=d_in ** -0.5)
+    r, s = randn(members, d_out), randn(members, d_in)
+    bias = {"shared": lambda: randn(d_out), "member": lambda: randn(members, d_out)}.get(bias_kind, lambda: None)()
+    leaves = [t for t in (x, weight, r, s, bias) if t is not None]
+
+    out = kernels.rank1_linear(x, weight, r, s, bias, impl="triton")
+    grad_out = torch.randn(out.shape, generator=generator).to("cuda", dtype)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    expected = rank1_reference(*leaves64[:4], leaves64[4] if bias is not None else None)
+    expected_grads = torch.autograd.grad(expected, leaves64, grad_out.double())
+    tolerance = tolerance or TOLERANCE[dtype]
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert relative_error(out, expected) < tolerance, "out"
+    for name, grad, expected_grad in zip(["dx", "dweight", "dr", "ds", "dbias"], grads, expected_grads):
+        assert grad.dtype == dtype and torch.isfinite(grad).all(), name
+        assert relative_error(grad, expected_grad) < tolerance, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("config_index", range(max(len(c) for c in RANK1_KERNELS.values())))
+def test_rank1_every_config_on_ragged_sizes(config_index, dtype, monkeypatch):
+    # Each kernel pinned to one of its configs (cycling through the shorter lists), so every
+    # config runs with masks on every edge: sizes are odd and smaller or larger than a tile.
+    for kernel, configs in RANK1_KERNELS.items():
+        monkeypatch.setattr(kernel, "configs", [configs[config_index % len(configs)]])
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    for shared_x in (False, True):
+        for bias_kind, members in ((None, 1), ("shared", 3), ("member", 3)):
+            check_rank1(members, 147, 67, 301, dtype, shared_x, bias_kind, generator)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(10, 1000, 500, 2000), (4, 700, 512, 2048)], ids=["lstm", "mlp"])
+def test_rank1_autotuned_on_realistic_shapes(shape, dtype):
+    # The autotuner times its configs on these very buffers; the weight-gradient kernel
+    # accumulates with atomics, so this also checks that it restarts each timing from zero.
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    members, rows, d_in, d_out = shape
+    check_rank1(members, rows, d_in, d_out, dtype, False, "member", generator)
+    check_rank1(members, rows // 2, d_in, d_out, dtype, True, "shared", generator)
+
+
+def test_rank1_float32_with_tf32_allowed():
+    # torch.backends.cuda.matmul.allow_tf32 switches the kernels' float32 dots to TF32 too.
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+        check_rank1(4, 300, 500, 2000, torch.float32, False, "member", generator, tolerance=TF32_TOLERANCE)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def cell_reference(x_gates, h_gates, c_prev):
+    i, f, g, o = (x_gates.double() + h_gates.double()).chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c_prev.double() + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("config", lstm_kernels.CELL_CONFIGS, ids=lambda c: f"{c.kwargs['BLOCK_R']}x{c.kwargs['BLOCK_H']}")
+def test_lstm_cell_every_config(config, dtype, monkeypatch):
+    for kernel in CELL_KERNELS:
+        monkeypatch.setattr(kernel, "configs", [config])
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    members, batch, steps, hidden = 3, 37, 4, 500
+    # One time step sliced out of (K, B, T, 4H), as the LSTM passes it: two row strides.
+    whole = (2 * torch.randn(members, batch, steps, 4 * hidden, generator=generator)).to("cuda", dtype).requires_grad_()
+    h_gates = (2 * torch.randn(members, batch, 4 * hidden, generator=generator)).to("cuda", dtype).requires_grad_()
+    c_prev = torch.randn(members, batch, hidden, generator=generator).cuda().requires_grad_()
+    h, c = kernels.lstm_cell(whole[:, :, 2], h_gates, c_prev, impl="triton")
+    leaves64 = [t.detach().double().requires_grad_() for t in (whole, h_gates, c_prev)]
+    h_ref, c_ref = cell_reference(leaves64[0][:, :, 2], *leaves64[1:])
+    tolerance = TOLERANCE[dtype]
+    assert relative_error(h, h_ref) < tolerance and relative_error(c, c_ref) < 1e-5
+    dh, dc = torch.randn_like(h_ref), torch.randn_like(c_ref)
+    grads = torch.autograd.grad((h.double() * dh).sum() + (c.double() * dc).sum(), [whole, h_gates, c_prev])
+    expected = torch.autograd.grad((h_ref * dh).sum() + (c_ref * dc).sum(), leaves64)
+    for name, grad, expected_grad in zip(["x_gates", "h_gates", "c_prev"], grads, expected):
+        assert torch.isfinite(grad).all(), name
+        assert relative_error(grad, expected_grad) < tolerance, name
+    assert grads[0][:, :, [0, 1, 3]].abs().max() == 0  # the other time steps get no gradient
+
+
+def randomized_late_model(cfg: ModelConfig, members: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model(cfg, LatePhaseConfig(mode="late_phase", K=members))
+    with torch.no_grad():
+        for p in late_phase_parameters(model):
+            p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(family="lstm", vocab_size=256, embed_dim=40, hidden_size=100, num_layers=2, lstm_members="fused"),
+    ModelConfig(family="transformer", vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=32),
+], ids=["lstm_fused", "transformer"])
+@pytest.mark.parametrize("member", ["parallel", "all"])
+def test_all_members_on_cuda_match_float64_eager_on_cpu(cfg, member):
+    # The model's all-members path on the GPU (Triton kernels, float32 IEEE dots) against the
+    # same weights in float64 on the CPU (eager ops; the LSTM folded into K nn.LSTMs).
+    members = 3
+    model = randomized_late_model(cfg, members, seed=7)
+    reference = build_model(dataclasses.replace(cfg, lstm_members="folded"), LatePhaseConfig(mode="late_phase", K=members))
+    reference.load_state_dict(model.state_dict())
+    model.cuda()
+    reference.double()
+    x = torch.randint(0, 256, (2 * members, 20))
+    logits, _ = model(x.cuda(), None, member)
+    expected, _ = reference(x, None, member)
+    weights = torch.randn(expected.shape, dtype=torch.float64)
+    (logits.double() * weights.cuda()).sum().backward()
+    (expected * weights).sum().backward()
+    assert relative_error(logits.cpu(), expected) < 1e-4
+    for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert relative_error(p.grad.cpu(), ref.grad) < 1e-3, name
+
+
+def test_rank1_factors_dispatch_to_triton_on_cuda(monkeypatch):
+    calls = []
+    real = rank1.Rank1LinearFunction.apply
+    monkeypatch.setattr(rank1.Rank1LinearFunction, "apply", lambda *args: calls.append(1) or real(*args))
+    assert Rank1Factors.kernel_impl == "auto"
+    model = randomized_late_model(ModelConfig(family="transformer", vocab_size=256, d_model=64, n_layers=1,
+                                              n_heads=4, max_seq_len=16), 2, seed=3).cuda()
+    model(torch.randint(0, 256, (2, 8), device="cuda"), None, "parallel")
+    assert calls
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "parallel"])
+def test_smoke_training_on_cuda_in_bf16(schedule, tmp_path):
+    # The whole CLI path on the GPU in bf16: members spawn, train, average, export, evaluate.
+    out = tmp_path / "run"
+    argv = ["--config", str(REPO / "configs" / "smoke.yaml"), f"run.out_dir={out}", f"data.dir={tmp_path / 'data'}",
+            "train.mixed_precision=bf16", f"late_phase.schedule={schedule}", "train.batch_size=15",
+            "train.max_steps=40", "swa.start=20", "train.eval_every=20", "checkpoint.every=20"]
+    assert train_lm.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    for split in ("valid", "test"):
+        bpc = results[split]["averaged"]
+        # The synthetic corpus is far from uniform: 40 steps get well under 8 bits.
+        assert 1.0 < bpc < 6.0, (split, bpc)
