@@ -145,8 +145,12 @@ def variants(cfg: Config) -> dict[str, Config]:
     return out
 
 
-def bench(cfg: Config, steps: int, warmup: int, repeats: int) -> tuple[dict[str, float], list[str], torch.device]:
-    """chars/s of the minimal loop and of every variant (best of `repeats` rounds), notes, the device."""
+def bench(cfg: Config, steps: int, warmup: int, repeats: int,
+          profile_steps: int = 0) -> tuple[dict[str, float], list[str], torch.device]:
+    """chars/s of the minimal loop and of every variant (best of `repeats` rounds), notes, the device.
+
+    With profile_steps, each variant then runs that many steps under torch.profiler and the notes
+    get its most expensive operators (device time on CUDA, CPU time otherwise)."""
     from lm.trainer import Trainer
 
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum)
@@ -171,7 +175,25 @@ def bench(cfg: Config, steps: int, warmup: int, repeats: int) -> tuple[dict[str,
         for _ in range(repeats):
             for name, step in steppers.items():
                 best[name] = max(best[name], measure_chars_per_second(step, steps, accelerator.device))
+        if profile_steps:
+            notes.extend(profile(name, step, profile_steps, accelerator.device) for name, step in steppers.items())
     return best, notes, accelerator.device
+
+
+def profile(name: str, step: Callable[[], int], steps: int, device: torch.device) -> str:
+    """The top operators of `steps` calls of `step` by self time, as torch.profiler tables them."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _synchronize(device)
+    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=15, max_name_column_width=60)
+    return f"profile of {name}, {steps} steps:\n{table}"
 
 
 def format_report(results: dict[str, float], flops_per_byte: float | None = None,
@@ -207,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5; late_phase spawns at 1)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the fastest is reported (default 3)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="afterwards, profile STEPS steps of each variant and print its top operators")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak for the MFU (default: known GPUs' datasheet figure)")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
@@ -215,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         if min(args.steps, args.repeats) < 1 or args.warmup < 2:
             raise ConfigError("--steps and --repeats must be >= 1 and --warmup >= 2 (the late phase starts at step 1)")
         cfg = load_config(args.config, args.overrides)
-        results, notes, device = bench(cfg, args.steps, args.warmup, args.repeats)
+        results, notes, device = bench(cfg, args.steps, args.warmup, args.repeats, args.profile)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

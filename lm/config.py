@@ -100,6 +100,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     grad_accum: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16
+    # float32 matrix products on CUDA in TF32 (torch.backends.cuda.matmul / cudnn .allow_tf32):
+    # cuDNN's LSTM already does so by default, and the fused kernels follow the same switch.
+    # false: full float32 everywhere (several times slower; no effect on CPU).
+    tf32: bool = True
     log_every: int = 50
     eval_every: int = 1000
     eval_bytes: int | None = 1_000_000  # valid bytes scored by periodic evals (None: whole split)

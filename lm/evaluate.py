@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from data.batches import EvalBatch, count_scored, stream_eval_batches, window_eval_batches
 from data.prepare import DataError
 from data.tokenizer import bits_per_byte, load_split, load_tokenizer
-from lm.accelerator import exit_process, make_accelerator
+from lm.accelerator import exit_process, make_accelerator, use_tf32
 from lm.config import Config, ConfigError, config_from_dict, load_config
 from lm.late_phase import ensemble_log_probs, num_members
 from lm.models import ExportError, build_model, load_exported
@@ -258,6 +258,7 @@ def evaluate_run(
         raise EvalError(f"--max-bytes {max_bytes}: need at least 2 bytes (the first byte is never scored)")
 
     cfg = source.cfg
+    use_tf32(cfg.train.tf32)  # the precision the run trained in
     data_path = Path(data_dir if data_dir is not None else cfg.data.dir).expanduser()
     if not (data_path / f"{split}.bin").is_file():
         raise EvalError(

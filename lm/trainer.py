@@ -33,7 +33,7 @@ from data.synthetic import prepare_synthetic
 from data.tokenizer import bits_per_byte, load_split, load_tokenizer
 from lm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from lm.config import Config, ConfigError, config_to_dict, resolve_step, validate
-from lm.accelerator import make_accelerator
+from lm.accelerator import make_accelerator, use_tf32
 from lm.evaluate import evaluate_bpc, token_limit
 from lm.late_phase import (
     LatePhaseStepper,
@@ -134,6 +134,7 @@ class Trainer:
             raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} but the Accelerator accumulates "
                               f"{accelerator.gradient_accumulation_steps} steps; make them equal")
         cfg.train.mixed_precision = str(accelerator.mixed_precision)  # the launcher's choice, if it made one
+        use_tf32(cfg.train.tf32)
         validate(cfg, accelerator.num_processes)  # before any work: no out_dir for a bad config
         self.out_dir = Path(cfg.run.out_dir).expanduser()
         if resume:

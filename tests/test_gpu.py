@@ -44,9 +44,29 @@ RANK1_KERNELS = {
 CELL_KERNELS = (lstm_kernels._lstm_cell_fwd_kernel, lstm_kernels._lstm_cell_bwd_kernel)
 
 
+# Test dtypes: float32 runs with TF32 dots (the training default, train.tf32) or IEEE ones.
+DTYPES = {"fp32": (torch.float32, False), "tf32": (torch.float32, True),
+          "bf16": (torch.bfloat16, False), "fp16": (torch.float16, False)}
+
+
 @pytest.fixture(autouse=True)
 def _poison_every_output(poisoned_outputs):
     """NaN-filled output buffers (conftest.py), so an unwritten element fails the comparison."""
+
+
+@pytest.fixture(autouse=True)
+def _full_float32_unless_asked():
+    """torch's defaults (no TF32 matmuls) for each test; training runs switch TF32 on (train.tf32)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def set_dtype(name: str) -> torch.dtype:
+    dtype, tf32 = DTYPES[name]
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    return dtype
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -61,7 +81,7 @@ def rank1_reference(x, weight, r, s, bias):
     return torch.stack([xs[k] @ (weight * torch.outer(r[k], s[k])).t() + bias_rows[k] for k in range(members)])
 
 
-def check_rank1(members, rows, d_in, d_out, dtype, shared_x, bias_kind, generator, tolerance=None):
+def check_rank1(members, rows, d_in, d_out, dtype, shared_x, bias_kind, generator):
     """Forward and all five gradients of the fused kernels vs float64, on fresh random inputs."""
     def randn(*shape, scale=1.0):
         return (scale * torch.randn(*shape, generator=generator)).to("cuda", dtype).requires_grad_()
@@ -79,7 +99,7 @@ def check_rank1(members, rows, d_in, d_out, dtype, shared_x, bias_kind, generato
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     expected = rank1_reference(*leaves64[:4], leaves64[4] if bias is not None else None)
     expected_grads = torch.autograd.grad(expected, leaves64, grad_out.double())
-    tolerance = tolerance or TOLERANCE[dtype]
+    tolerance = TF32_TOLERANCE if torch.backends.cuda.matmul.allow_tf32 and dtype == torch.float32 else TOLERANCE[dtype]
     assert out.dtype == dtype and out.shape == expected.shape
     assert relative_error(out, expected) < tolerance, "out"
     for name, grad, expected_grad in zip(["dx", "dweight", "dr", "ds", "dbias"], grads, expected_grads):
@@ -87,7 +107,7 @@ def check_rank1(members, rows, d_in, d_out, dtype, shared_x, bias_kind, generato
         assert relative_error(grad, expected_grad) < tolerance, name
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["tf32", "bf16"])
 @pytest.mark.parametrize("config_index", range(max(len(c) for c in RANK1_KERNELS.values())))
 def test_rank1_every_config_on_ragged_sizes(config_index, dtype, monkeypatch):
     # Each kernel pinned to one of its configs (cycling through the shorter lists), so every
@@ -97,29 +117,20 @@ def test_rank1_every_config_on_ragged_sizes(config_index, dtype, monkeypatch):
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
     for shared_x in (False, True):
         for bias_kind, members in ((None, 1), ("shared", 3), ("member", 3)):
-            check_rank1(members, 147, 67, 301, dtype, shared_x, bias_kind, generator)
+            check_rank1(members, 147, 67, 301, set_dtype(dtype), shared_x, bias_kind, generator)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("shape", [(10, 1000, 500, 2000), (4, 700, 512, 2048)], ids=["lstm", "mlp"])
+@pytest.mark.parametrize("shape, dtype", [
+    ((10, 1000, 500, 2000), "bf16"), ((10, 1000, 500, 2000), "fp16"), ((10, 1000, 500, 2000), "tf32"),
+    ((10, 1000, 500, 2000), "fp32"), ((4, 700, 512, 2048), "bf16"),
+], ids=["lstm-bf16", "lstm-fp16", "lstm-tf32", "lstm-fp32", "mlp-bf16"])
 def test_rank1_autotuned_on_realistic_shapes(shape, dtype):
     # The autotuner times its configs on these very buffers; the weight-gradient kernel
     # accumulates with atomics, so this also checks that it restarts each timing from zero.
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
     members, rows, d_in, d_out = shape
-    check_rank1(members, rows, d_in, d_out, dtype, False, "member", generator)
-    check_rank1(members, rows // 2, d_in, d_out, dtype, True, "shared", generator)
-
-
-def test_rank1_float32_with_tf32_allowed():
-    # torch.backends.cuda.matmul.allow_tf32 switches the kernels' float32 dots to TF32 too.
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-        check_rank1(4, 300, 500, 2000, torch.float32, False, "member", generator, tolerance=TF32_TOLERANCE)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+    check_rank1(members, rows, d_in, d_out, set_dtype(dtype), False, "member", generator)
+    check_rank1(members, rows // 2, d_in, d_out, set_dtype(dtype), True, "shared", generator)
 
 
 def cell_reference(x_gates, h_gates, c_prev):

@@ -409,3 +409,14 @@ def test_sharded_setups_are_refused_with_one_line(distributed_type):
     assert "\n" not in str(info.value)
     for fine in ("NO", "MULTI_CPU", "MULTI_GPU"):
         check_distributed_type(DistributedType[fine])
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_train_tf32_sets_torch_matmul_precision(tf32, tmp_path, data_dir):
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+        Trainer(load_config(str(SMOKE), tiny_args(tmp_path / "run", data_dir, f"train.tf32={str(tf32).lower()}")))
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

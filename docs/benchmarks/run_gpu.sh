@@ -5,6 +5,7 @@
 #   check  tests/test_gpu.py: compiled kernels and CUDA training against float64 references
 #   quick  python -m kernels.bench --quick (bf16)
 #   train  python -m lm.bench_train on the paper's LSTM and the Transformer (synthetic bytes)
+#   profile  the Transformer's variants under torch.profiler (top operators by device time)
 #   grid1 / grid2  the bf16 rank-1 grid, in two halves of the layers (each under 10 minutes)
 #   fp32   the quick grid in float32
 # Logs and tables go to $OUT (default ./gpu_out). Each stage has its own time limit, so one
@@ -32,7 +33,7 @@ for s in "$@"; do
             python3 -c "import sys, torch, triton, accelerate; print(sys.version.split()[0], \"torch\", torch.__version__,
             \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"accelerate\", accelerate.__version__)"' ;;
     check)
-        stage check 300 python3 -m pytest tests/test_gpu.py -q -rs --durations=5 ;;
+        stage check 240 python3 -m pytest tests/test_gpu.py -q -rs --durations=12 --timeout 100 ;;
     quick)
         stage quick 300 python3 -m kernels.bench --quick --dtype bf16 --out "$OUT/rank1_quick" ;;
     train)
@@ -40,6 +41,9 @@ for s in "$@"; do
             $SYNTH train.batch_size=120
         stage train 150 python3 -m lm.bench_train --config configs/enwik8_transformer_late_phase_parallel.yaml \
             --steps 20 $SYNTH ;;
+    profile)
+        stage profile 120 python3 -m lm.bench_train --config configs/enwik8_transformer_late_phase_parallel.yaml \
+            --steps 3 --repeats 1 --warmup 3 --profile 3 $SYNTH ;;
     grid1)
         stage grid1 580 python3 -m kernels.bench --dtype bf16 --layers lstm-500 lstm-756 tf512-mlp-in \
             --out "$OUT/rank1_bf16_part1" ;;

@@ -186,4 +186,5 @@ def _stack(states) -> LSTMState:
 
 
 def _unstack(state: LSTMState, member: int) -> LSTMState:
-    return state[0][member], state[1][member]
+    # cuDNN takes only contiguous (h, c); a parallel-schedule state regrouped by member is strided.
+    return state[0][member].contiguous(), state[1][member].contiguous()
