@@ -312,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", nargs="+", choices=[name for name, _, _ in LAYERS], metavar="LAYER",
                         help="time only these layers, to split a long run into parts (default: all of the grid's; "
                              f"choices: {' '.join(name for name, _, _ in LAYERS)})")
+    parser.add_argument("--members", nargs="+", type=int, metavar="K",
+                        help=f"time only these K (default: {' '.join(map(str, MEMBERS))})")
+    parser.add_argument("--rows", nargs="+", type=int, metavar="M",
+                        help=f"time only these rows per member (default: {' '.join(map(str, ROWS))})")
     parser.add_argument("--out", default="rank1_bench", help="output prefix: writes OUT.json and OUT.csv")
     parser.add_argument("--check-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -340,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     grid = (QUICK if cuda else CPU_QUICK) if args.quick else {"layers": LAYERS, "members": MEMBERS, "rows": ROWS}
     if args.layers:
         grid = {**grid, "layers": [layer for layer in LAYERS if layer[0] in args.layers]}
+    if args.members:
+        grid = {**grid, "members": args.members}
+    if args.rows:
+        grid = {**grid, "rows": args.rows}
     if cuda:
         results = run_grid(grid, args.dtype, CUDA_DEVICE, ["fused", "eager", "compiled", "floor"], _time_gpu,
                            args.out)

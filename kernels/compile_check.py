@@ -30,7 +30,7 @@ DTYPES = ("fp32", "bf16")
 FLAGS = {"HAS_BIAS": True, "DOT_PRECISION": "tf32", "UPCAST": False, "SAVE": True}
 # float32 buffers whatever the input dtype: the dW kernel's atomic accumulators, the LSTM
 # cell state and saved gate activations.
-FLOAT32_POINTERS = {"dw_ptr", "dr_ptr", "ds_ptr", "db_ptr", "c_prev_ptr", "c_ptr", "act_ptr", "dc_ptr", "dc_prev_ptr"}
+FLOAT32_POINTERS = {"dw_ptr", "dr_ptr", "ds_ptr", "c_prev_ptr", "c_ptr", "act_ptr", "dc_ptr", "dc_prev_ptr"}
 # Kernels with a main loop over tiles, which must be software-pipelined; the rest are pointwise.
 MATMUL_KERNELS = {"forward", "dx", "dw"}
 # The launches being mirrored: contiguous tensors. The JIT turns an int argument equal to 1

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from triton.runtime.errors import OutOfResources
 
 import kernels
 import train_lm
@@ -115,9 +116,14 @@ def test_rank1_every_config_on_ragged_sizes(config_index, dtype, monkeypatch):
     for kernel, configs in RANK1_KERNELS.items():
         monkeypatch.setattr(kernel, "configs", [configs[config_index % len(configs)]])
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    for shared_x in (False, True):
-        for bias_kind, members in ((None, 1), ("shared", 3), ("member", 3)):
-            check_rank1(members, 147, 67, 301, set_dtype(dtype), shared_x, bias_kind, generator)
+    try:
+        for shared_x in (False, True):
+            for bias_kind, members in ((None, 1), ("shared", 3), ("member", 3)):
+                check_rank1(members, 147, 67, 301, set_dtype(dtype), shared_x, bias_kind, generator)
+    except OutOfResources as e:
+        # Some float32 tiles need more shared memory than the GPU has (compile_check lists
+        # them); the autotuner skips such a config, so it never runs in float32.
+        pytest.skip(f"config {config_index} does not fit this GPU in float32: {e}")
 
 
 @pytest.mark.parametrize("shape, dtype", [

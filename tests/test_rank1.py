@@ -174,6 +174,7 @@ def test_non_contiguous_inputs():
 def test_weight_gradient_rows_split_across_programs(monkeypatch):
     """More rows than one dW program takes: partial tiles combine through the atomics."""
     monkeypatch.setattr(rank1, "_MIN_ROWS_PER_SPLIT", 8)
+    monkeypatch.setattr(rank1, "_multiprocessors", lambda device: 8)
     assert rank1._row_splits(40, D_OUT, D_IN, 1, torch.device("cpu")) > 1
     generator = torch.Generator().manual_seed(3)
     check_against_reference(make_inputs(1, (1, 40, D_IN), torch.float32, "shared", generator), generator=generator)
