@@ -51,7 +51,7 @@ class ModelConfig:
     num_layers: int = 1
     # How the LSTM runs all K members at once (parallel schedule, ensemble evaluation):
     # fused (kernels.rank1_linear over every member, a time loop), folded (one nn.LSTM per
-    # member with its folded weights), auto (fused on CUDA, folded on CPU).
+    # member with its folded weights), auto (folded: faster on CPU and on an H100).
     lstm_members: str = "auto"
     # Transformer
     d_model: int = 512

@@ -59,13 +59,12 @@ def test_member_modes_shapes_and_agreement(name):
     assert not torch.allclose(everyone[0], everyone[1])  # the members really differ
 
 
-def test_lstm_all_members_way_defaults_to_fused_on_cuda_only():
+def test_lstm_all_members_way_defaults_to_folded():
     from lm.models.lstm import all_members_way
 
-    assert all_members_way("auto", torch.device("cuda", 0)) == "fused"
-    assert all_members_way("auto", torch.device("cpu")) == "folded"
-    assert all_members_way("folded", torch.device("cuda")) == "folded"
-    assert all_members_way("fused", torch.device("cpu")) == "fused"
+    assert all_members_way("auto") == "folded"
+    assert all_members_way("folded") == "folded"
+    assert all_members_way("fused") == "fused"
 
 
 @pytest.mark.parametrize("name", ["lstm", "lstm_fused"])

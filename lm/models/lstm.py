@@ -17,9 +17,9 @@ All members at once ("parallel", "all") run one of two ways (`model.lstm_members
   step; kernels.lstm_cell does the cell's pointwise update for all members in one launch. W is
   read once per step whatever K is, and a window costs T steps for all members instead of K x T.
 - folded: one nn.LSTM per member on its rows (the fused recurrence, K times).
-`auto` picks fused on CUDA, where a small-batch recurrence is bound by per-step latency, so K
-nn.LSTM calls cost about K times one; and folded on CPU, where oneDNN's LSTM on B/K rows beats
-a Python time loop (docs/benchmarks/training_cpu.md).
+`auto` picks folded: it measured faster on the CPU (oneDNN's LSTM on B/K rows against a Python
+time loop) and on an H100 (K cuDNN calls against several small kernel launches per time step,
+forward and backward): docs/benchmarks/training_cpu.md and training.md.
 """
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ class LSTMLM(nn.Module):
         if isinstance(member, int):
             out, new_state = self.rnn(x, state, member)
             return self.decoder(out), new_state
-        how = all_members_way(self.cfg.lstm_members, x.device)
+        how = all_members_way(self.cfg.lstm_members)
         if member == "all":
             out, new_state = self.rnn.all_members(x, state, shared_input=True, how=how)
             return self.decoder(out), new_state
@@ -168,11 +168,9 @@ class LSTMLM(nn.Module):
         return self.decoder(out), (h, c)
 
 
-def all_members_way(setting: str, device: torch.device) -> str:
-    """model.lstm_members resolved: "auto" is fused on CUDA and folded elsewhere (module docstring)."""
-    if setting != "auto":
-        return setting
-    return "fused" if device.type == "cuda" else "folded"
+def all_members_way(setting: str) -> str:
+    """model.lstm_members resolved: "auto" is folded, the faster way where measured (module docstring)."""
+    return "folded" if setting == "auto" else setting
 
 
 def _rows_to_members(t: torch.Tensor, dim: int, members: int) -> torch.Tensor:
