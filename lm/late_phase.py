@@ -389,10 +389,10 @@ class MemberAdamW(MemberOptimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def _init_state(self, p, state):
-        # float64 step counts (exact, and bias corrections as precise as torch's Python floats)
-        # on the parameter's device; the key "step" keeps torch's load_state_dict from casting
-        # the counts to the parameter dtype.
-        state["step"] = torch.zeros(p.shape[0], dtype=torch.float64, device=p.device)
+        # Step counts on the CPU, as torch's AdamW keeps them: the bias corrections are then
+        # Python floats computed without kernels or device syncs. float64 counts are exact;
+        # torch's load_state_dict leaves the key "step" where and as it was saved.
+        state["step"] = torch.zeros(p.shape[0], dtype=torch.float64)
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
@@ -400,8 +400,6 @@ class MemberAdamW(MemberOptimizer):
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         steps = [state["step"] for state in states]
-        if any(step.device != p.device for step, p in zip(steps, params)):
-            raise RuntimeError("MemberAdamW state is on another device than its parameters; load it after moving the model")
         exp_avgs = [state["exp_avg"] for state in states]
         exp_avg_sqs = [state["exp_avg_sq"] for state in states]
         torch._foreach_add_(steps, 1)
@@ -410,11 +408,20 @@ class MemberAdamW(MemberOptimizer):
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-        # Each row's bias corrections from its own step count, as a column (rows, 1, ...).
-        columns = [(-1,) + (1,) * (p.dim() - 1) for p in params]
-        bias1 = [(1 - beta1**step).view(col).to(p.dtype) for step, col, p in zip(steps, columns, params)]
-        bias2_sqrt = [(1 - beta2**step).sqrt().view(col).to(p.dtype) for step, col, p in zip(steps, columns, params)]
         denom = torch._foreach_sqrt(exp_avg_sqs)
+        counts = [step.tolist() for step in steps]
+        if all(min(c) == max(c) for c in counts):
+            # The usual case: the stepped rows of a tensor share one count, so each tensor's
+            # bias corrections are scalars and the update is torch's foreach AdamW, op for op.
+            torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** c[0]) for c in counts])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1 - beta1 ** c[0]) for c in counts])
+            return
+        # Rows at different counts (all members stepped after a sequential phase): per-row
+        # corrections as (rows, 1, ...) columns on the parameters' device.
+        columns = [(-1,) + (1,) * (p.dim() - 1) for p in params]
+        bias1 = [(1 - beta1**step).view(col).to(p) for step, col, p in zip(steps, columns, params)]
+        bias2_sqrt = [(1 - beta2**step).sqrt().view(col).to(p) for step, col, p in zip(steps, columns, params)]
         torch._foreach_div_(denom, bias2_sqrt)
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(params, torch._foreach_div(exp_avgs, bias1), denom, value=-lr)

@@ -205,6 +205,24 @@ def test_member_adamw_steps_only_the_active_row_and_matches_torch_adamw():
     assert [opt.state[p]["step"].tolist() for p in params] == [[3.0, 4.0, 2.0]] * 2
 
 
+def test_member_adamw_single_member_steps_are_torch_foreach_adamw_bit_for_bit():
+    # The usual step (one member, its rows sharing a count) takes scalar bias corrections from
+    # step counts kept on the CPU: the same ops as torch's foreach AdamW, so the same bits.
+    torch.manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(4, 6))
+    row = torch.nn.Parameter(p[2].detach().clone())
+    opt = MemberAdamW([p], lr=0.03, betas=(0.85, 0.97), weight_decay=0.2)
+    ref = torch.optim.AdamW([row], lr=0.03, betas=(0.85, 0.97), weight_decay=0.2, foreach=True)
+    for _ in range(4):
+        g = torch.randn(4, 6)
+        p.grad, row.grad = g, g[2].clone()
+        opt.active = 2
+        opt.step()
+        ref.step()
+        assert torch.equal(p[2], row)
+    assert opt.state[p]["step"].device.type == "cpu" and opt.state[p]["step"].tolist() == [0, 0, 4, 0]
+
+
 def test_member_sgd_matches_torch_sgd_on_the_active_row():
     torch.manual_seed(1)
     p = torch.nn.Parameter(torch.randn(2, 4))
