@@ -236,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = parser.parse_args(argv)
     try:
-        if min(args.steps, args.repeats) < 1 or args.warmup < 2:
-            raise ConfigError("--steps and --repeats must be >= 1 and --warmup >= 2 (the late phase starts at step 1)")
+        if min(args.steps, args.repeats) < 1 or args.warmup < 2 or args.profile < 0:
+            raise ConfigError("--steps and --repeats must be >= 1, --warmup >= 2 (the late phase starts at step 1) "
+                              "and --profile >= 0")
         cfg = load_config(args.config, args.overrides)
         results, notes, device = bench(cfg, args.steps, args.warmup, args.repeats, args.profile)
     except (ConfigError, DataError) as e:

@@ -22,7 +22,7 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
 def test_cli_prints_minimal_loop_ours_and_late_phase_numbers(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels are tested in test_rank1; here only the loop runs
     code = bench_train.main(["--config", SMOKE, "--steps", "2", "--warmup", "2", "--repeats", "1",
-                             *tiny_overrides(tmp_path)])
+                             "--profile", "1", *tiny_overrides(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
     rows = dict(re.findall(r"^(.+?)\s+([\d,]+) chars/s", out, flags=re.M))
@@ -33,6 +33,9 @@ def test_cli_prints_minimal_loop_ours_and_late_phase_numbers(tmp_path, capsys, m
     assert re.search(r"ours: plain .* [\d.]+x the minimal loop", out)
     assert re.search(r"sequential .* [\d.]+x plain", out)
     assert re.search(r"parallel .* cost per byte [\d.]+x plain", out)
+    # --profile: one operator table per variant, after the figures
+    assert len(re.findall(r"^note: profile of .+, 1 steps:$", out, flags=re.M)) == len(rows)
+    assert "Self CPU" in out
 
 
 def test_measured_chars_per_second_is_bytes_over_wall_time(monkeypatch):
