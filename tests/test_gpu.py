@@ -25,6 +25,9 @@ from kernels.rank1 import interpreting
 from lm.config import LatePhaseConfig, ModelConfig
 from lm.late_phase import Rank1Factors, late_phase_parameters
 from lm.models import build_model
+from tests.test_lstm_cell import reference as cell_reference
+from tests.test_rank1 import reference as rank1_reference
+from tests.test_rank1 import relative_error
 from tests.test_train import fresh_accelerate_state  # noqa: F401 (autouse: Accelerate's state per test)
 
 pytestmark = pytest.mark.skipif(
@@ -68,18 +71,6 @@ def set_dtype(name: str) -> torch.dtype:
     dtype, tf32 = DTYPES[name]
     torch.backends.cuda.matmul.allow_tf32 = tf32
     return dtype
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
-
-
-def rank1_reference(x, weight, r, s, bias):
-    """float64 out[k] = x_k @ (W * r_k s_kᵀ)ᵀ + b_k with each member's weight materialised."""
-    members = r.shape[0]
-    xs = x if x.dim() == 3 else x.expand(members, *x.shape)
-    bias_rows = torch.zeros_like(r) if bias is None else bias.expand(members, -1)
-    return torch.stack([xs[k] @ (weight * torch.outer(r[k], s[k])).t() + bias_rows[k] for k in range(members)])
 
 
 def check_rank1(members, rows, d_in, d_out, dtype, shared_x, bias_kind, generator):
@@ -137,12 +128,6 @@ def test_rank1_autotuned_on_realistic_shapes(shape, dtype):
     members, rows, d_in, d_out = shape
     check_rank1(members, rows, d_in, d_out, set_dtype(dtype), False, "member", generator)
     check_rank1(members, rows // 2, d_in, d_out, set_dtype(dtype), True, "shared", generator)
-
-
-def cell_reference(x_gates, h_gates, c_prev):
-    i, f, g, o = (x_gates.double() + h_gates.double()).chunk(4, dim=-1)
-    c = torch.sigmoid(f) * c_prev.double() + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

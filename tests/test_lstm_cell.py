@@ -21,8 +21,7 @@ TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 2e-2}
 
 def reference(x_gates, h_gates, c_prev):
     """float64 LSTM step written out gate by gate (nn.LSTM's i, f, g, o order)."""
-    gates = x_gates.double() + h_gates.double()
-    i, f, g, o = (gates[..., n * H:(n + 1) * H] for n in range(4))
+    i, f, g, o = (x_gates.double() + h_gates.double()).chunk(4, dim=-1)
     c = torch.sigmoid(f) * c_prev.double() + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c), c
 
