@@ -47,10 +47,34 @@ def rank1_linear_eager(
 ) -> torch.Tensor:
     """Plain PyTorch reference: x is (K, M, d_in) or shared (M, d_in); returns (K, M, d_out)."""
     xs = x.unsqueeze(-3) * s.unsqueeze(-2) if x.dim() == 2 else x * s.unsqueeze(-2)
-    out = torch.matmul(xs, weight.t()) * r.unsqueeze(-2)
-    if bias is not None:
-        out = out + (bias.unsqueeze(-2) if bias.dim() == 2 else bias)
-    return out
+    return _plus_bias(torch.matmul(xs, weight.t()) * r.unsqueeze(-2), bias)
+
+
+def _plus_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(K, M, d_out) + a (d_out,) or per-member (K, d_out) bias."""
+    return out if bias is None else out + (bias.unsqueeze(-2) if bias.dim() == 2 else bias)
+
+
+# Rows per member from which building each member's weight beats scaling every row by s and r:
+# rows * (d_in + d_out) >= FOLD_ROWS_FACTOR * d_in * d_out. Forward + backward on the 2-core CPU
+# VM (torch 2.13) crossed over at 2.5-5x the break-even row count d_in*d_out/(d_in+d_out)
+# (K=4 128->512, K=8 512->2048, K=10 190->2000 and 500->2000; 128 to 4096 rows per member).
+FOLD_ROWS_FACTOR = 4
+
+
+def rank1_linear_folded(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference's result through each member's weight W * (r_k s_kᵀ), built explicitly.
+
+    K x d_out x d_in extra memory, one batched matmul: on CPU cheaper than the reference's
+    passes over every row once members have many rows (see FOLD_ROWS_FACTOR)."""
+    member_weights = weight * r.unsqueeze(-1) * s.unsqueeze(-2)
+    return _plus_bias(torch.matmul(x, member_weights.transpose(-1, -2)), bias)
+
+
+def folding_pays(rows: int, d_in: int, d_out: int) -> bool:
+    """Whether `rank1_linear_folded` beats the row-scaling reference at this many rows per member."""
+    return rows * (d_in + d_out) >= FOLD_ROWS_FACTOR * d_in * d_out
 
 
 # --------------------------------------------------------------------------------------
@@ -514,8 +538,9 @@ def rank1_linear(
     x: (K, M, d_in), or (K, *batch, d_in) (batch dims folded into M), or (M, d_in) shared by all
     members. weight: (d_out, d_in); r: (K, d_out); s: (K, d_in); bias: None, (d_out,) or
     (K, d_out). Returns (K, M, d_out) (or (K, *batch, d_out)) in the input dtype.
-    impl: "triton" (fused kernels), "eager" (PyTorch reference), "auto" (triton on CUDA tensors
-    or under TRITON_INTERPRET=1, eager otherwise). float64 runs with "eager" only. Under autocast all inputs are cast to the
+    impl: "triton" (fused kernels), "eager" (PyTorch ops: the reference, or the folded member
+    weights where `folding_pays`), "auto" (triton on CUDA tensors or under TRITON_INTERPRET=1,
+    eager otherwise). float64 runs with "eager" only. Under autocast all inputs are cast to the
     autocast dtype first, as torch does for F.linear.
     """
     if impl not in IMPLS:
@@ -533,7 +558,8 @@ def rank1_linear(
     # Leading batch dims of per-member x fold into the rows (a view when the strides allow).
     x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 3 else x
     if impl == "eager":
-        out = rank1_linear_eager(x3, weight, r, s, bias)
+        eager = rank1_linear_folded if folding_pays(x3.shape[-2], *weight.shape[::-1]) else rank1_linear_eager
+        out = eager(x3, weight, r, s, bias)
     else:
         if not (x.is_cuda or interpreting()):
             raise ValueError(

@@ -1,0 +1,53 @@
+"""The eager (PyTorch ops) paths of kernels.rank1_linear, which CPU training runs: the
+reference's row scaling and the folded member weights, against the float64 reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import rank1
+from tests.test_rank1 import make_inputs, reference, relative_error
+
+
+@pytest.mark.parametrize("bias_kind", [None, "shared", "member"])
+@pytest.mark.parametrize("shared_x", [False, True], ids=["member_x", "shared_x"])
+def test_folded_matches_float64_reference(shared_x, bias_kind):
+    generator = torch.Generator().manual_seed(11 + 2 * shared_x + (bias_kind is None))
+    members, rows, d_in, d_out = 3, 9, 6, 5
+    inputs = make_inputs(members, (rows, d_in) if shared_x else (members, rows, d_in), torch.float32, bias_kind,
+                         generator, d_out=d_out)
+    leaves = [t for t in inputs if t is not None]
+    out = rank1.rank1_linear_folded(*inputs)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    expected = reference(*leaves64[:4], leaves64[4] if bias_kind else None)
+    assert out.shape == expected.shape == (members, rows, d_out)
+    assert relative_error(out, expected) < 2e-6
+    grad_out = torch.randn(out.shape, generator=generator)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    expected_grads = torch.autograd.grad(expected, leaves64, grad_out.double())
+    for name, grad, want in zip(["dx", "dweight", "dr", "ds", "dbias"], grads, expected_grads):
+        assert grad.shape == want.shape and relative_error(grad, want) < 2e-6, name
+
+
+def test_folding_pays_from_four_times_the_break_even_rows():
+    # 33 -> 17: break-even d_in*d_out/(d_in+d_out) = 561/50 = 11.22 rows; folding from 44.88.
+    assert not rank1.folding_pays(44, 33, 17)
+    assert rank1.folding_pays(45, 33, 17)
+    # The paper LSTM's recurrent step (12 rows per member, 500 -> 2000) scales rows; its input
+    # projection over a window (1800 rows, 190 -> 2000) folds.
+    assert not rank1.folding_pays(12, 500, 2000)
+    assert rank1.folding_pays(1800, 190, 2000)
+
+
+@pytest.mark.parametrize("rows, folds", [(44, False), (45, True)])
+def test_eager_dispatch_picks_the_cheaper_form(rows, folds, monkeypatch):
+    calls = []
+    for name in ("rank1_linear_folded", "rank1_linear_eager"):
+        real = getattr(rank1, name)
+        monkeypatch.setattr(rank1, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
+    inputs = make_inputs(3, (3, rows, 33), torch.float32, "member", torch.Generator().manual_seed(12), d_out=17)
+    out = kernels.rank1_linear(*inputs, impl="eager")
+    assert calls == ["rank1_linear_folded" if folds else "rank1_linear_eager"]
+    expected = reference(*(t.detach().double() for t in inputs))
+    assert relative_error(out, expected) < 2e-6
