@@ -1,16 +1,24 @@
-"""One LSTM time step's pointwise update, fused: gates -> (h, c) for every row at once.
+"""An LSTM layer's recurrence over a window for all K rank-1 members at once, and its fused cell.
 
-    gates = x_gates + h_gates                    (nn.LSTM's order: i, f, g, o along the last dim)
-    c = sigmoid(f) * c_prev + sigmoid(i) * tanh(g)
+Member k's recurrent matrix is W_hh * (r_k s_kᵀ) (PAPER.md section 2), so one time step is
+
+    gates = x_gates[:, :, t] + ((h * s_k) @ W_hhᵀ) * r_k        (nn.LSTM's order: i, f, g, o)
+    c = sigmoid(f) * c + sigmoid(i) * tanh(g)
     h = sigmoid(o) * tanh(c)
 
-The LSTM's all-members path (lm/models/lstm.py, "fused") runs a Python loop over time steps:
-one kernels.rank1_linear call for every member's recurrent product, then this update. In
-eager PyTorch the update is about ten elementwise kernels forward and twenty backward per
-step; here it is one launch each way, with the gate activations kept in float32 for the
-backward. Layout as in kernels/rank1.py: eager reference, Triton kernels, autograd Function
-and the dispatcher `lstm_cell` side by side; `python -m kernels.compile_check` compiles both
-kernels for sm_90 and sm_80.
+for every member's rows in one matmul over all K x B rows (W_hh is shared) instead of K
+narrow ones. `rank1_lstm` runs the whole window in one autograd node with a hand-written
+backward through time: per step only the recurrent products (forward: h -> gates, backward:
+dgates -> dh) and the cell; the weight gradients dW, dr, ds come after the loop from all steps
+at once (one batched matmul over K x B x T rows), as cuDNN does for its own weight gradient.
+An autograd graph per step would instead compute them T times and add ~20 nodes per step.
+
+Two implementations of the same steps: "triton" (CUDA, or the CPU interpreter in tests) runs
+kernels.rank1's launchers and the fused cell kernels below (one launch for the update, one for
+its gradient, gate activations kept in float32); "eager" runs PyTorch ops (the CPU path and
+the float64 reference). Layout as in kernels/rank1.py: eager reference, Triton kernels, the
+autograd Function and the dispatcher side by side; `python -m kernels.compile_check`
+compiles the cell kernels for sm_90 and sm_80.
 
 Rows are (A, B) pairs of the leading dims, so a time step sliced out of a (K, B, T, 4H)
 tensor is read in place through its two row strides.
@@ -23,20 +31,38 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels import rank1
-from kernels.rank1 import IMPLS, SUPPORTED_DTYPES, interpreting
+from kernels.rank1 import IMPLS, SUPPORTED_DTYPES, interpreting, rank1_linear_eager
 
 
 # --------------------------------------------------------------------------------------
-# Eager reference.
+# Eager reference: the cell's update and its gradient in PyTorch ops.
 # --------------------------------------------------------------------------------------
-def lstm_cell_eager(x_gates: torch.Tensor, h_gates: torch.Tensor,
-                    c_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h in the gates' dtype, c in at least float32) from (..., 4H) gates and a (..., H) cell."""
-    cell_dtype = torch.promote_types(x_gates.dtype, torch.float32)
-    i, f, g, o = (x_gates + h_gates).to(cell_dtype).chunk(4, dim=-1)
-    c = torch.sigmoid(f) * c_prev.to(cell_dtype) + torch.sigmoid(i) * torch.tanh(g)
-    h = torch.sigmoid(o) * torch.tanh(c)
-    return h.to(x_gates.dtype), c
+def _cell_eager(gates, c_prev, h_out, c_out, act_out) -> None:
+    """The cell update from the summed pre-activation gates, written into the given buffers."""
+    hidden = c_prev.shape[-1]
+    torch.sigmoid(gates, out=act_out)
+    torch.tanh(gates[..., 2 * hidden:3 * hidden], out=act_out[..., 2 * hidden:3 * hidden])
+    i, f, g, o = act_out.chunk(4, dim=-1)
+    torch.addcmul(f * c_prev, i, g, out=c_out)
+    torch.mul(o, torch.tanh(c_out), out=h_out)
+
+
+def _cell_backward_eager(act: torch.Tensor, c_prev: torch.Tensor, c: torch.Tensor, dh: torch.Tensor,
+                         dc: torch.Tensor, dgates_out: torch.Tensor) -> torch.Tensor:
+    """Writes d gates (..., 4H) into `dgates_out` and returns d c_prev, from the saved activations."""
+    hidden = c.shape[-1]
+    i, f, g, o = act.chunk(4, dim=-1)
+    tanh_c = torch.tanh(c)
+    dh = dh.to(c.dtype)
+    dc = torch.addcmul(dc, dh * o, 1 - tanh_c * tanh_c)
+    # d gate = (what multiplies the gate) * (its activation's derivative): a(1-a), or 1-g^2 for tanh.
+    upstream = torch.empty_like(act)
+    for index, (a, b) in enumerate(((dc, g), (dc, c_prev), (dc, i), (dh, tanh_c))):
+        torch.mul(a, b, out=upstream[..., index * hidden:(index + 1) * hidden])
+    derivative = torch.addcmul(act, act, act, value=-1)
+    torch.addcmul(torch.ones_like(g), g, g, value=-1, out=derivative[..., 2 * hidden:3 * hidden])
+    torch.mul(upstream, derivative, out=dgates_out)
+    return dc * f
 
 
 # --------------------------------------------------------------------------------------
@@ -76,9 +102,11 @@ def _row_offsets(rows, B, stride_a, stride_b):
 def _lstm_cell_fwd_kernel(
     xg_ptr, hg_ptr, c_prev_ptr, h_ptr, c_ptr, act_ptr,
     R, B, H,
-    stride_xa, stride_xb, stride_ha, stride_hb, stride_ca, stride_cb,
+    stride_xa, stride_xb, stride_ha, stride_hb, stride_ca, stride_cb, stride_oa, stride_ob,
     SAVE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    # h goes straight into its time step of the (K, B, T, H) output; c and the activations
+    # into contiguous per-step slices of the saved buffers.
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = (rows < R)[:, None] & (cols < H)[None, :]
@@ -91,9 +119,9 @@ def _lstm_cell_fwd_kernel(
     c_prev = tl.load(c_prev_ptr + _row_offsets(rows, B, stride_ca, stride_cb)[:, None] + cols[None, :], mask=mask)
     c = f * c_prev.to(tl.float32) + i * g
     h = o * _tanh(c)
-    out = rows[:, None] * H + cols[None, :]
-    tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=mask)
-    tl.store(c_ptr + out, c, mask=mask)
+    h_out = h_ptr + _row_offsets(rows, B, stride_oa, stride_ob)[:, None] + cols[None, :]
+    tl.store(h_out, h.to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(c_ptr + rows[:, None] * H + cols[None, :], c, mask=mask)
     if SAVE:
         act = act_ptr + rows[:, None] * (4 * H) + cols[None, :]
         tl.store(act, i, mask=mask)
@@ -106,9 +134,11 @@ def _lstm_cell_fwd_kernel(
 @triton.jit
 def _lstm_cell_bwd_kernel(
     dh_ptr, dc_ptr, act_ptr, c_prev_ptr, c_ptr, dgates_ptr, dc_prev_ptr,
-    R, H,
+    R, B, H,
+    stride_ga, stride_gb,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    # d gates go straight into their time step of the (K, B, T, 4H) gradient.
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = (rows < R)[:, None] & (cols < H)[None, :]
@@ -123,103 +153,196 @@ def _lstm_cell_bwd_kernel(
     dc = tl.load(dc_ptr + cell, mask=mask) + dh * o * (1.0 - tanh_c * tanh_c)
     c_prev = tl.load(c_prev_ptr + cell, mask=mask)
     out_ty = dgates_ptr.dtype.element_ty
-    tl.store(dgates_ptr + gate, (dc * g * i * (1.0 - i)).to(out_ty), mask=mask)
-    tl.store(dgates_ptr + gate + H, (dc * c_prev * f * (1.0 - f)).to(out_ty), mask=mask)
-    tl.store(dgates_ptr + gate + 2 * H, (dc * i * (1.0 - g * g)).to(out_ty), mask=mask)
-    tl.store(dgates_ptr + gate + 3 * H, (dh * tanh_c * o * (1.0 - o)).to(out_ty), mask=mask)
+    dgates = dgates_ptr + _row_offsets(rows, B, stride_ga, stride_gb)[:, None] + cols[None, :]
+    tl.store(dgates, (dc * g * i * (1.0 - i)).to(out_ty), mask=mask)
+    tl.store(dgates + H, (dc * c_prev * f * (1.0 - f)).to(out_ty), mask=mask)
+    tl.store(dgates + 2 * H, (dc * i * (1.0 - g * g)).to(out_ty), mask=mask)
+    tl.store(dgates + 3 * H, (dh * tanh_c * o * (1.0 - o)).to(out_ty), mask=mask)
     tl.store(dc_prev_ptr + cell, dc * f, mask=mask)
 
 
 # --------------------------------------------------------------------------------------
-# Launchers and the autograd Function.
+# The steps of the recurrence, in Triton and in eager PyTorch (same signatures).
 # --------------------------------------------------------------------------------------
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """A 3-D (A, B, width) view with unit stride along width (a copy only where none exists)."""
-    t = t.unsqueeze(0) if t.dim() == 2 else t.reshape(-1, *t.shape[-2:]) if t.dim() > 3 else t
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _grid(meta, rows: int, hidden: int):
     return triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(hidden, meta["BLOCK_H"])
 
 
-class LSTMCellFunction(torch.autograd.Function):
+class _TritonSteps:
+    """One time step each way with the kernels: recurrent product, then the cell (forward);
+    the cell's gradient, then the recurrent product's input gradient (backward)."""
+
     @staticmethod
-    def forward(ctx, x_gates, h_gates, c_prev, save: bool):
-        xg, hg, cp = _as_rows(x_gates), _as_rows(h_gates), _as_rows(c_prev.float())
-        batch, hidden = xg.shape[1], c_prev.shape[-1]
-        rows = xg.shape[0] * batch
-        h = rank1.output_buffer((rows, hidden), x_gates.dtype, x_gates.device)
-        c = rank1.output_buffer((rows, hidden), torch.float32, x_gates.device)
-        act = rank1.output_buffer((rows, 4 * hidden), torch.float32, x_gates.device) if save else c
+    def forward(x_gates, h, c_prev, weight, r, s, h_out, c_out, act_out) -> None:
+        h_gates = rank1._forward(h, weight, r, s, None, shared=False)
+        members, batch, hidden = c_prev.shape
+        rows = members * batch
+        act = act_out if act_out is not None else c_out  # any valid pointer; SAVE=False never writes it
         _lstm_cell_fwd_kernel[lambda meta: _grid(meta, rows, hidden)](
-            xg, hg, cp, h, c, act, rows, batch, hidden,
-            xg.stride(0), xg.stride(1), hg.stride(0), hg.stride(1), cp.stride(0), cp.stride(1), SAVE=save,
+            x_gates, h_gates, c_prev, h_out, c_out, act, rows, batch, hidden,
+            x_gates.stride(0), x_gates.stride(1), h_gates.stride(0), h_gates.stride(1), c_prev.stride(0), c_prev.stride(1),
+            h_out.stride(0), h_out.stride(1), SAVE=act_out is not None,
         )
+
+    @staticmethod
+    def backward(dh, dc, act, c_prev, c, weight, r, s, dgates_out) -> tuple[torch.Tensor, torch.Tensor]:
+        members, batch, hidden = c.shape
+        rows = members * batch
+        dc_prev = rank1.output_buffer(c.shape, torch.float32, c.device)
+        _lstm_cell_bwd_kernel[lambda meta: _grid(meta, rows, hidden)](
+            dh.contiguous(), dc.contiguous(), act, c_prev, c, dgates_out, dc_prev, rows, batch, hidden,
+            dgates_out.stride(0), dgates_out.stride(1),
+        )
+        return rank1._backward_dx(dgates_out, weight, r, s, shared=False), dc_prev
+
+    @staticmethod
+    def param_grads(h_prev, dgates, weight, r, s):
+        dw, dr, ds, _ = rank1._backward_params(h_prev, dgates, weight, r, s, None, shared=False)
+        return dw, dr, ds
+
+
+class _EagerSteps:
+    """The same steps in PyTorch ops, writing into the same buffers."""
+
+    @staticmethod
+    def forward(x_gates, h, c_prev, weight, r, s, h_out, c_out, act_out) -> None:
+        gates = torch.addcmul(x_gates, torch.matmul(h * s.unsqueeze(-2), weight.t()), r.unsqueeze(-2))
+        gates = gates.to(c_out.dtype)
+        _cell_eager(gates, c_prev, h_out, c_out, act_out if act_out is not None else torch.empty_like(gates))
+
+    @staticmethod
+    def backward(dh, dc, act, c_prev, c, weight, r, s, dgates_out) -> tuple[torch.Tensor, torch.Tensor]:
+        dc_prev = _cell_backward_eager(act, c_prev, c, dh, dc, dgates_out)
+        return torch.matmul(dgates_out * r.unsqueeze(-2), weight) * s.unsqueeze(-2), dc_prev
+
+    @staticmethod
+    def param_grads(h_prev, dgates, weight, r, s):
+        # dL/dW_k for each member's folded W_k = W * r_k s_kᵀ (one batched matmul over all
+        # steps), then the chain rule through the fold: K x 4H x H elementwise, no pass over rows.
+        member_grads = torch.bmm(dgates.transpose(1, 2), h_prev)
+        through_weight = member_grads * weight
+        dr = torch.bmm(through_weight, s.unsqueeze(-1)).squeeze(-1)
+        ds = torch.bmm(through_weight.transpose(1, 2), r.unsqueeze(-1)).squeeze(-1)
+        dw = member_grads.mul_(r.unsqueeze(-1)).mul_(s.unsqueeze(-2)).sum(dim=0)
+        return dw, dr, ds
+
+
+_STEPS = {"triton": _TritonSteps, "eager": _EagerSteps}
+
+
+class Rank1LSTMFunction(torch.autograd.Function):
+    """The window's recurrence forward, and backpropagation through time by hand.
+
+    Every step writes into preallocated whole-window buffers (outputs, cells, gate
+    activations; d gates in backward), so nothing is stacked or copied afterwards. The weight
+    gradients are computed once, after the backward loop, from all steps.
+    """
+
+    @staticmethod
+    def forward(ctx, x_gates, weight, r, s, h0, c0, impl: str, save: bool):
+        steps = _STEPS[impl]
+        members, batch, length, gates = x_gates.shape
+        hidden = gates // 4
+        alloc = lambda shape, dtype: rank1.output_buffer(shape, dtype, x_gates.device)
+        out = alloc((members, batch, length, hidden), x_gates.dtype)
+        cells = alloc((length + 1 if save else 2, members, batch, hidden), c0.dtype)
+        acts = alloc((length, members, batch, gates), c0.dtype) if save else None
+        cells[0].copy_(c0)
+        h = h0
+        for t in range(length):
+            # Without a backward to feed, two cell buffers take turns.
+            c_prev, c = (cells[t], cells[t + 1]) if save else (cells[t % 2], cells[(t + 1) % 2])
+            steps.forward(x_gates[:, :, t], h, c_prev, weight, r, s, out[:, :, t], c,
+                          acts[t] if save else None)
+            h = out[:, :, t]
         if save:
-            ctx.save_for_backward(act, cp.reshape(rows, hidden).contiguous(), c)
-            ctx.gates_dtype, ctx.c_prev_dtype = x_gates.dtype, c_prev.dtype
-        shape = c_prev.shape
-        return h.view(shape), c.view(shape)
+            ctx.save_for_backward(weight, r, s, h0, out, acts, cells)
+            ctx.steps = steps
+        return out, h.clone(), c.clone()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dh, dc):
-        act, c_prev, c = ctx.saved_tensors
-        rows, hidden = c.shape
-        dgates = rank1.output_buffer((rows, 4 * hidden), ctx.gates_dtype, c.device)
-        dc_prev = rank1.output_buffer((rows, hidden), torch.float32, c.device)
-        _lstm_cell_bwd_kernel[lambda meta: _grid(meta, rows, hidden)](
-            dh.reshape(rows, hidden).contiguous(), dc.float().reshape(rows, hidden).contiguous(),
-            act, c_prev, c, dgates, dc_prev, rows, hidden,
-        )
-        gates_shape = (*dh.shape[:-1], 4 * hidden)
-        dgates = dgates.view(gates_shape)
-        return dgates, dgates, dc_prev.view(dh.shape).to(ctx.c_prev_dtype), None
+    def backward(ctx, dout, dh, dc):
+        weight, r, s, h0, out, acts, cells = ctx.saved_tensors
+        steps = ctx.steps
+        dgates = rank1.output_buffer((*out.shape[:3], acts.shape[-1]), out.dtype, out.device)
+        dc = dc.to(cells.dtype)
+        # The loss's gradient may arrive in any layout (the parallel schedule regroups rows);
+        # one copy makes every step's slice a cheap strided read.
+        dout = dout.contiguous()
+        for t in reversed(range(out.shape[2])):
+            dh, dc = steps.backward(dout[:, :, t] + dh, dc, acts[t], cells[t], cells[t + 1], weight, r, s,
+                                    dgates[:, :, t])
+        dw = dr = ds = None
+        if any(ctx.needs_input_grad[1:4]):
+            h_prev = torch.cat([h0.unsqueeze(2), out[:, :, :-1]], dim=2)
+            dw, dr, ds = steps.param_grads(h_prev.flatten(1, 2), dgates.flatten(1, 2), weight, r, s)
+            dw, dr, ds = dw.to(weight.dtype), dr.to(r.dtype), ds.to(s.dtype)
+        return dgates, dw, dr, ds, dh, dc, None, None
 
 
 # --------------------------------------------------------------------------------------
 # Dispatcher.
 # --------------------------------------------------------------------------------------
-def _validate(x_gates, h_gates, c_prev) -> None:
-    for name, t in (("x_gates", x_gates), ("h_gates", h_gates), ("c_prev", c_prev)):
+def _validate(x_gates, weight, r, s, h0, c0) -> None:
+    tensors = (("x_gates", x_gates), ("weight", weight), ("r", r), ("s", s), ("h0", h0), ("c0", c0))
+    for name, t in tensors:
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"lstm_cell: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise ValueError(f"rank1_lstm: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in SUPPORTED_DTYPES + (torch.float64,):
-            raise ValueError(f"lstm_cell: {name} has dtype {t.dtype}; use float32, bfloat16 or float16")
+            raise ValueError(f"rank1_lstm: {name} has dtype {t.dtype}; use float32, bfloat16 or float16")
         if t.device != x_gates.device:
-            raise ValueError(f"lstm_cell: {name} is on {t.device} but x_gates is on {x_gates.device}; use one device")
-    if x_gates.dim() < 2 or x_gates.shape[-1] % 4:
-        raise ValueError(f"lstm_cell: x_gates must be (..., 4H), got shape {tuple(x_gates.shape)}")
-    if h_gates.shape != x_gates.shape:
-        raise ValueError(f"lstm_cell: h_gates must have x_gates' shape {tuple(x_gates.shape)}, got {tuple(h_gates.shape)}")
-    if h_gates.dtype != x_gates.dtype:
-        raise ValueError(f"lstm_cell: h_gates has dtype {h_gates.dtype} but x_gates has {x_gates.dtype}; use one dtype")
-    expected = (*x_gates.shape[:-1], x_gates.shape[-1] // 4)
-    if tuple(c_prev.shape) != expected:
-        raise ValueError(f"lstm_cell: c_prev must be {expected} (the gates' rows, H), got {tuple(c_prev.shape)}")
+            raise ValueError(f"rank1_lstm: {name} is on {t.device} but x_gates is on {x_gates.device}; use one device")
+    if x_gates.dim() != 4 or x_gates.shape[-1] % 4:
+        raise ValueError(f"rank1_lstm: x_gates must be (K, B, T, 4H), got shape {tuple(x_gates.shape)}")
+    members, batch, steps, gates = x_gates.shape
+    if steps < 1:
+        raise ValueError("rank1_lstm: x_gates has no time steps (T = 0); pass a window of at least one step")
+    hidden = gates // 4
+    expected = {"weight": (gates, hidden), "r": (members, gates), "s": (members, hidden),
+                "h0": (members, batch, hidden), "c0": (members, batch, hidden)}
+    for name, t in tensors[1:]:
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"rank1_lstm: {name} must be {expected[name]} for x_gates of shape "
+                             f"{tuple(x_gates.shape)}, got {tuple(t.shape)}")
+    for name, t in tensors[1:5]:
+        if t.dtype != x_gates.dtype:
+            raise ValueError(f"rank1_lstm: {name} has dtype {t.dtype} but x_gates has {x_gates.dtype}; use one dtype")
 
 
-def lstm_cell(x_gates: torch.Tensor, h_gates: torch.Tensor, c_prev: torch.Tensor, *,
-              impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """One LSTM step for every row: gates (..., 4H) in nn.LSTM's (i, f, g, o) order, c_prev (..., H).
+def rank1_lstm(x_gates: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: torch.Tensor,
+               h0: torch.Tensor, c0: torch.Tensor, *,
+               impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LSTM layer over a window for all K members: member k's recurrent matrix is weight * (r_k s_kᵀ).
 
-    Returns h in the gates' dtype and c in float32 (float64 for float64 inputs), shapes (..., H).
-    impl: "triton" (fused kernels), "eager" (the PyTorch reference), "auto" (triton on CUDA
-    tensors or under TRITON_INTERPRET=1, eager otherwise). float64 runs with "eager" only.
-    Differentiable in all three inputs.
+    x_gates: (K, B, T, 4H), the input projections with both biases added (nn.LSTM's i, f, g, o
+    order); weight: (4H, H); r: (K, 4H); s: (K, H); h0, c0: (K, B, H).
+    Returns out (K, B, T, H) and h_T in the gates' dtype, c_T (K, B, H) in float32 (float64 for
+    float64 inputs). Differentiable in every tensor argument.
+    impl: "triton" (kernels), "eager" (PyTorch ops), "auto" (triton on CUDA tensors or under
+    TRITON_INTERPRET=1, eager otherwise). float64 runs with "eager" only. Under autocast every
+    input but c0 is cast to the autocast dtype first.
     """
     if impl not in IMPLS:
-        raise ValueError(f"lstm_cell: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
-    _validate(x_gates, h_gates, c_prev)
+        raise ValueError(f"rank1_lstm: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    if isinstance(x_gates, torch.Tensor) and torch.is_autocast_enabled(x_gates.device.type):
+        dtype = torch.get_autocast_dtype(x_gates.device.type)
+        cast = [t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (x_gates, weight, r, s, h0)]
+        with torch.autocast(x_gates.device.type, enabled=False):
+            return rank1_lstm(*cast, c0, impl=impl)
+    if isinstance(c0, torch.Tensor) and isinstance(x_gates, torch.Tensor) and c0.is_floating_point():
+        # The cell runs in float32 (float64 for float64 gates) whatever the gates' dtype.
+        c0 = c0.to(torch.promote_types(x_gates.dtype, torch.float32))
+    _validate(x_gates, weight, r, s, h0, c0)
     if impl == "auto":
         impl = "triton" if (x_gates.is_cuda or interpreting()) and x_gates.dtype != torch.float64 else "eager"
-    if impl == "eager":
-        return lstm_cell_eager(x_gates, h_gates, c_prev)
-    if not (x_gates.is_cuda or interpreting()):
-        raise ValueError("lstm_cell: impl='triton' needs CUDA tensors or TRITON_INTERPRET=1; use impl='eager' on CPU")
-    if x_gates.dtype == torch.float64:
-        raise ValueError("lstm_cell: impl='triton' takes float32, bfloat16 or float16; float64 runs with impl='eager'")
-    # The gate activations are kept for a backward only when one can follow.
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_gates, h_gates, c_prev))
-    return LSTMCellFunction.apply(x_gates, h_gates, c_prev, save)
+    if impl == "triton":
+        if not (x_gates.is_cuda or interpreting()):
+            raise ValueError("rank1_lstm: impl='triton' needs CUDA tensors or TRITON_INTERPRET=1; use impl='eager' on CPU")
+        if x_gates.dtype == torch.float64:
+            raise ValueError("rank1_lstm: impl='triton' takes float32, bfloat16 or float16; float64 runs with impl='eager'")
+    # Activations are kept for a backward only when one can follow.
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_gates, weight, r, s, h0, c0))
+    # The kernels read rows through their (K, B) strides but need unit stride along the gates.
+    x_gates = x_gates if x_gates.stride(-1) == 1 else x_gates.contiguous()
+    return Rank1LSTMFunction.apply(x_gates, weight, r, s, h0, c0, impl, save)

@@ -57,7 +57,7 @@ class Rank1Factors(MemberRows):
     counterpart; the bias row is `bias_init` copied to every row), so before T0 every row
     is already the tied value and rank1 (K=1) and late_phase draw the same random numbers.
 
-    `kernel_impl` is handed to our kernels (kernels.rank1_linear, and kernels.lstm_cell in the
+    `kernel_impl` is handed to our kernels (kernels.rank1_linear, and kernels.rank1_lstm in the
     LSTM) when all members run at once ("auto" picks Triton on CUDA or under TRITON_INTERPRET=1,
     eager otherwise); set it on the class to force one, e.g. "eager" in CPU tests, where the
     Triton interpreter is slow.

@@ -25,9 +25,11 @@ from kernels.rank1 import interpreting
 from lm.config import LatePhaseConfig, ModelConfig
 from lm.late_phase import Rank1Factors, late_phase_parameters
 from lm.models import build_model
-from tests.test_lstm_cell import reference as cell_reference
 from tests.test_rank1 import reference as rank1_reference
 from tests.test_rank1 import relative_error
+from tests.test_rank1_lstm import make_inputs as lstm_inputs
+from tests.test_rank1_lstm import TOLERANCE as LSTM_TOLERANCE
+from tests.test_rank1_lstm import reference as lstm_reference
 from tests.test_train import fresh_accelerate_state  # noqa: F401 (autouse: Accelerate's state per test)
 
 pytestmark = pytest.mark.skipif(
@@ -132,27 +134,27 @@ def test_rank1_autotuned_on_realistic_shapes(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("config", lstm_kernels.CELL_CONFIGS, ids=lambda c: f"{c.kwargs['BLOCK_R']}x{c.kwargs['BLOCK_H']}")
-def test_lstm_cell_every_config(config, dtype, monkeypatch):
+def test_rank1_lstm_every_cell_config(config, dtype, monkeypatch):
+    # The whole recurrence (rank-1 products, cell kernels, the weight gradients after the loop)
+    # with each cell config, on the paper's hidden size and a batch that is no tile multiple.
     for kernel in CELL_KERNELS:
         monkeypatch.setattr(kernel, "configs", [config])
+    set_dtype("fp32" if dtype == torch.float32 else "bf16")
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    members, batch, steps, hidden = 3, 37, 4, 500
-    # One time step sliced out of (K, B, T, 4H), as the LSTM passes it: two row strides.
-    whole = (2 * torch.randn(members, batch, steps, 4 * hidden, generator=generator)).to("cuda", dtype).requires_grad_()
-    h_gates = (2 * torch.randn(members, batch, 4 * hidden, generator=generator)).to("cuda", dtype).requires_grad_()
-    c_prev = torch.randn(members, batch, hidden, generator=generator).cuda().requires_grad_()
-    h, c = kernels.lstm_cell(whole[:, :, 2], h_gates, c_prev, impl="triton")
-    leaves64 = [t.detach().double().requires_grad_() for t in (whole, h_gates, c_prev)]
-    h_ref, c_ref = cell_reference(leaves64[0][:, :, 2], *leaves64[1:])
-    tolerance = TOLERANCE[dtype]
-    assert relative_error(h, h_ref) < tolerance and relative_error(c, c_ref) < 1e-5
-    dh, dc = torch.randn_like(h_ref), torch.randn_like(c_ref)
-    grads = torch.autograd.grad((h.double() * dh).sum() + (c.double() * dc).sum(), [whole, h_gates, c_prev])
-    expected = torch.autograd.grad((h_ref * dh).sum() + (c_ref * dc).sum(), leaves64)
-    for name, grad, expected_grad in zip(["x_gates", "h_gates", "c_prev"], grads, expected):
+    leaves, args = lstm_inputs(dtype, generator, members=3, batch=37, steps=6, hidden=500)
+    cuda_leaves = [t.detach().cuda().requires_grad_() for t in leaves]
+    results = kernels.rank1_lstm(cuda_leaves[0][:, :, 1:-1], *cuda_leaves[1:], impl="triton")
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    expected = lstm_reference(leaves64[0][:, :, 1:-1], *leaves64[1:])
+    tolerance = max(TOLERANCE[dtype], LSTM_TOLERANCE[dtype])  # IEEE float32 dots, or bf16 through every step
+    for name, got, want in zip(("out", "h", "c"), results, expected):
+        assert relative_error(got.cpu(), want) < tolerance, name
+    seeds = [torch.randn(e.shape, generator=generator, dtype=torch.float64) for e in expected]
+    grads = torch.autograd.grad(sum((got.double() * w.cuda()).sum() for got, w in zip(results, seeds)), cuda_leaves)
+    expected_grads = torch.autograd.grad(sum((e * w).sum() for e, w in zip(expected, seeds)), leaves64)
+    for name, grad, want in zip(("x_gates", "weight", "r", "s", "h0", "c0"), grads, expected_grads):
         assert torch.isfinite(grad).all(), name
-        assert relative_error(grad, expected_grad) < tolerance, name
-    assert grads[0][:, :, [0, 1, 3]].abs().max() == 0  # the other time steps get no gradient
+        assert relative_error(grad.cpu(), want) < tolerance, name
 
 
 def randomized_late_model(cfg: ModelConfig, members: int, seed: int) -> torch.nn.Module:

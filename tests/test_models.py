@@ -166,7 +166,7 @@ def test_bad_member_arguments_give_one_line_errors():
 ], ids=["transformer", "lstm"])
 def test_kernel_path_agrees_with_eager(monkeypatch, cfg):
     # One small pass, forward and backward, through the kernels' default dispatch (Triton,
-    # interpreted on CPU): kernels.rank1_linear, and for the LSTM kernels.lstm_cell.
+    # interpreted on CPU): kernels.rank1_linear, and for the LSTM kernels.rank1_lstm.
     torch.manual_seed(1)
     model = build_model(cfg, LatePhaseConfig(mode="late_phase", K=2))
     with torch.no_grad():

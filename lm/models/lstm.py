@@ -12,14 +12,15 @@ GPU, oneDNN on CPU): its weights W * (r_k s_k^T) are folded once per forward and
 nn.LSTM through torch.func.functional_call, so autograd reaches W, r and s.
 
 All members at once ("parallel", "all") run one of two ways (`model.lstm_members`):
-- fused: kernels.rank1_linear applies every member's factors to the shared W in one call, for
-  the input projections of all time steps at once and then for the recurrent product at each
-  step; kernels.lstm_cell does the cell's pointwise update for all members in one launch. W is
-  read once per step whatever K is, and a window costs T steps for all members instead of K x T.
+- fused: kernels.rank1_linear applies every member's factors to the shared W_ih in one call for
+  the input projections of all time steps, then kernels.rank1_lstm runs the recurrence of all
+  members together: each step one matmul over all K x B rows with the shared W_hh, and one
+  autograd node for the window (backpropagation through time by hand, weight gradients from
+  all steps at once). A window costs T steps for all members instead of K x T.
 - folded: one nn.LSTM per member on its rows (the fused recurrence, K times).
-`auto` picks folded: it measured faster on the CPU (oneDNN's LSTM on B/K rows against a Python
-time loop) and on an H100 (K cuDNN calls against several small kernel launches per time step,
-forward and backward): docs/benchmarks/training_cpu.md and training.md.
+`auto` picks folded. On the CPU it measured faster at 64 and 256 units and within 3% of fused
+at the paper's 500 (docs/benchmarks/training_cpu.md); on an H100 it beat the earlier fused path
+(a per-step autograd graph), and the present one is not yet measured there (training.md).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from kernels import lstm_cell
+from kernels import rank1_lstm
 from lm.config import ModelConfig
 from lm.late_phase import Member, Rank1Factors, check_member
 
@@ -102,19 +103,11 @@ class LatePhaseLSTM(nn.Module):
         h_last, c_last = [], []
         for layer in range(self.num_layers):
             ih, hh = self.factors[f"ih_l{layer}"], self.factors[f"hh_l{layer}"]
-            w_hh = getattr(self.lstm, f"weight_hh_l{layer}")
             rows = x.reshape(-1, x.shape[-1]) if shared_input and layer == 0 else x.reshape(K, -1, x.shape[-1])
             # Input projections of every step at once; both member biases ride in its epilogue.
             x_gates = ih.all_members(rows, getattr(self.lstm, f"weight_ih_l{layer}"), ih.bias + hh.bias)
-            # unbind: one backward node for all steps (indexing step t would add a full-size
-            # zero gradient per step).
-            x_gates = x_gates.view(K, batch, steps, 4 * H).unbind(dim=2)
-            h, c = state[0][:, layer], state[1][:, layer]
-            outs = []
-            for x_gates_t in x_gates:
-                h, c = lstm_cell(x_gates_t, hh.all_members(h, w_hh, None), c, impl=hh.kernel_impl)
-                outs.append(h)
-            x = torch.stack(outs, dim=2)
+            x, h, c = rank1_lstm(x_gates.view(K, batch, steps, 4 * H), getattr(self.lstm, f"weight_hh_l{layer}"),
+                                 hh.r, hh.s, state[0][:, layer], state[1][:, layer], impl=hh.kernel_impl)
             h_last.append(h)
             c_last.append(c.to(h.dtype))
         return x, (torch.stack(h_last, dim=1), torch.stack(c_last, dim=1))

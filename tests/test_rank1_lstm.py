@@ -1,0 +1,157 @@
+"""kernels.rank1_lstm (every member's LSTM recurrence over a window, backpropagation through
+time by hand) against an independent float64 reference: autograd through a loop written gate
+by gate with each member's recurrent matrix materialised.
+
+The eager implementation (the CPU training path) runs everywhere; the Triton one runs in the
+CPU interpreter (tests marked `interpreter`; tests/test_gpu.py runs it compiled). Every buffer
+the recurrence or a kernel stores into starts NaN-poisoned (`poisoned_outputs`, conftest.py),
+so an unwritten element fails the comparison.
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import kernels
+
+K, B, T, H = 3, 5, 4, 7
+# Largest error allowed, relative to the largest magnitude of the float64 reference. Worst
+# seen over 8 seeds: float32 5.5e-7 (rounding only); bf16 1.9e-2 (the gates, h and the
+# recurrent products rounded to 8 significant bits at every step). A wrong formula is off by O(1).
+TOLERANCE = {torch.float32: 3e-6, torch.bfloat16: 4e-2}
+NAMES = ("x_gates", "weight", "r", "s", "h0", "c0")
+
+
+def reference(x_gates, weight, r, s, h, c):
+    """float64 loop over steps; member k's recurrent matrix W * (r_k s_kᵀ) built explicitly."""
+    member_weights = torch.stack([weight * torch.outer(r[k], s[k]) for k in range(r.shape[0])])
+    outs = []
+    for t in range(x_gates.shape[2]):
+        gates = x_gates[:, :, t] + torch.bmm(h, member_weights.transpose(1, 2))
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outs.append(h)
+    return torch.stack(outs, dim=2), h, c
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+def make_inputs(dtype, generator, members=K, batch=B, steps=T, hidden=H):
+    """Fresh random leaves (never zeros). x_gates is a slice of a longer window, so the steps are
+    read through row strides as the model passes them; c0 is float32 as the model keeps it."""
+    def randn(*shape, scale=1.0, dtype=dtype):
+        return (scale * torch.randn(*shape, generator=generator)).to(dtype)
+
+    window = randn(members, batch, steps + 2, 4 * hidden).requires_grad_()
+    leaves = [window, randn(4 * hidden, hidden, scale=hidden ** -0.5), 1 + randn(members, 4 * hidden, scale=0.3),
+              1 + randn(members, hidden, scale=0.3), randn(members, batch, hidden, scale=0.5),
+              randn(members, batch, hidden, dtype=torch.float32)]
+    for t in leaves[1:]:
+        t.requires_grad_()
+    return leaves, [window[:, :, 1:-1], *leaves[1:]]
+
+
+def check_against_reference(impl, dtype, generator):
+    leaves, args = make_inputs(dtype, generator)
+    out, h, c = kernels.rank1_lstm(*args, impl=impl)
+    assert out.shape == (K, B, T, H) and h.shape == c.shape == (K, B, H)
+    assert out.dtype == h.dtype == dtype and c.dtype == torch.float32
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    expected = reference(leaves64[0][:, :, 1:-1], *leaves64[1:])
+    tolerance = TOLERANCE[dtype]
+    for name, got, want in zip(("out", "h", "c"), (out, h, c), expected):
+        assert relative_error(got, want) < tolerance, name
+    seeds = [torch.randn(e.shape, generator=generator, dtype=torch.float64) for e in expected]
+    grads = torch.autograd.grad(sum((got.double() * w).sum() for got, w in zip((out, h, c), seeds)), leaves)
+    expected_grads = torch.autograd.grad(sum((e * w).sum() for e, w in zip(expected, seeds)), leaves64)
+    for name, grad, want, leaf in zip(NAMES, grads, expected_grads, leaves):
+        assert grad.dtype == leaf.dtype and torch.isfinite(grad).all(), name
+        assert relative_error(grad, want) < tolerance, name
+    assert grads[0][:, :, [0, -1]].abs().max() == 0  # steps outside the slice get no gradient
+
+
+def test_eager_matches_float64_reference(poisoned_outputs):
+    check_against_reference("eager", torch.float32, torch.Generator().manual_seed(1))
+    # out, cells, activations; then d gates
+    assert poisoned_outputs == [(K, B, T, H), (T + 1, K, B, H), (T, K, B, 4 * H), (K, B, T, 4 * H)]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_matches_float64_reference(dtype, poisoned_outputs):
+    check_against_reference("triton", dtype, torch.Generator().manual_seed(zlib.crc32(str(dtype).encode())))
+    assert poisoned_outputs.count((K, B, H)) == 2 * T  # each step's dc_prev (backward) and d h (dx kernel)
+
+
+@pytest.mark.parametrize("impl", ["eager", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_without_grad_only_two_cell_buffers_are_kept(impl, poisoned_outputs):
+    _, args = make_inputs(torch.float32, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out, h, c = kernels.rank1_lstm(*args, impl=impl)
+    assert (T, K, B, 4 * H) not in poisoned_outputs and (2, K, B, H) in poisoned_outputs
+    expected = reference(*(t.double() for t in args))
+    assert max(relative_error(got, want) for got, want in zip((out, h, c), expected)) < TOLERANCE[torch.float32]
+
+
+def test_windows_chain_through_the_returned_state():
+    # Two windows carrying (h, c) equal one window over both, in value and in every gradient.
+    leaves, (x_gates, *rest) = make_inputs(torch.float32, torch.Generator().manual_seed(3))
+    weight, r, s, h0, c0 = rest
+    whole, h_whole, c_whole = kernels.rank1_lstm(x_gates, *rest, impl="eager")
+    first, h1, c1 = kernels.rank1_lstm(x_gates[:, :, :2], weight, r, s, h0, c0, impl="eager")
+    second, h2, c2 = kernels.rank1_lstm(x_gates[:, :, 2:], weight, r, s, h1, c1, impl="eager")
+    torch.testing.assert_close(torch.cat([first, second], dim=2), whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close((h2, c2), (h_whole, c_whole), rtol=1e-6, atol=1e-6)
+    seed = torch.randn(whole.shape)
+    grads_whole = torch.autograd.grad((whole * seed).sum() + c_whole.sum(), leaves)
+    grads_split = torch.autograd.grad((torch.cat([first, second], dim=2) * seed).sum() + c2.sum(), leaves)
+    for name, a, b in zip(NAMES, grads_split, grads_whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.interpreter
+def test_autocast_runs_in_the_autocast_dtype():
+    _, args = make_inputs(torch.float32, torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, h, c = kernels.rank1_lstm(*args, impl="triton")
+    assert out.dtype == h.dtype == torch.bfloat16 and c.dtype == torch.float32
+    expected = reference(*(t.detach().double() for t in args))
+    assert relative_error(out, expected[0]) < TOLERANCE[torch.bfloat16]
+
+
+def test_float64_runs_eager_only():
+    _, args = make_inputs(torch.float64, torch.Generator().manual_seed(5))
+    args = [t.detach().double() for t in args]
+    out, h, c = kernels.rank1_lstm(*args, impl="auto")
+    assert c.dtype == torch.float64
+    for got, want in zip((out, h, c), reference(*args)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="float64 runs with impl='eager'"):
+        kernels.rank1_lstm(*args, impl="triton")
+
+
+@pytest.mark.parametrize(
+    "index, bad, message",
+    [
+        (0, lambda t: t[..., :-1], r"x_gates must be \(K, B, T, 4H\)"),
+        (0, lambda t: t[:, :, :0], r"no time steps"),
+        (1, lambda t: t[:, :-1], rf"weight must be \({4 * H}, {H}\)"),
+        (2, lambda t: t[:-1], rf"r must be \({K}, {4 * H}\)"),
+        (3, lambda t: t.bfloat16(), r"s has dtype torch.bfloat16 but x_gates has torch.float32"),
+        (4, lambda t: t[:, :-1], rf"h0 must be \({K}, {B}, {H}\)"),
+        (5, lambda t: t.long(), r"c0 has dtype torch.int64"),
+    ],
+)
+def test_bad_inputs_raise_value_error_naming_the_argument(index, bad, message):
+    _, args = make_inputs(torch.float32, torch.Generator().manual_seed(6))
+    args = [t.detach() for t in args]
+    args[index] = bad(args[index])
+    with pytest.raises(ValueError, match=message):
+        kernels.rank1_lstm(*args, impl="eager")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        kernels.rank1_lstm(*make_inputs(torch.float32, torch.Generator().manual_seed(6))[1], impl="cuda")
