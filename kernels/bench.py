@@ -3,6 +3,8 @@
 For every shape in the grid (the paper's LSTM gates, Transformer MLP layers; K members;
 M rows per member), dtype, and pass (forward, forward+backward) it times
     fused     kernels.rank1_linear(impl="triton")
+    folded    kernels.rank1.rank1_linear_folded: each member's weight built, then one batched
+              matmul (the CPU's eager path from many rows per member)
     eager     the three-op PyTorch reference
     compiled  torch.compile of the eager reference
     floor     a plain batched matmul of the same shape without any scaling (cuBLAS)
@@ -13,8 +15,8 @@ cut short keeps what it timed; narrow the grid with --layers, --members, --rows 
 (on an H100, 36 bf16 shapes took about 2.5 minutes). Before timing, the fused kernel is checked against a
 float64 reference in every dtype it will time.
 
-Without CUDA it says so, times only the eager reference on the CPU, and checks the
-interpreted Triton kernel (TRITON_INTERPRET=1, in a subprocess) on a small shape.
+Without CUDA it says so, times only the eager reference and the folded form on the CPU, and
+checks the interpreted Triton kernel (TRITON_INTERPRET=1, in a subprocess) on a small shape.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from kernels.rank1 import interpreting, rank1_linear, rank1_linear_eager
+from kernels.rank1 import interpreting, rank1_linear, rank1_linear_eager, rank1_linear_folded
 
 # (name, d_in, d_out): the paper's LSTM gate matrices (4H x d_in with H = 500) and the
 # Transformer MLP layers (d_model 512 and 1024, 4x expansion).
@@ -108,6 +110,7 @@ def implementations() -> dict:
     """Forward callables over (x, weight, r, s, bias); the floor ignores the scalings."""
     return {
         "fused": lambda x, w, r, s, b: rank1_linear(x, w, r, s, b, impl="triton"),
+        "folded": rank1_linear_folded,
         "eager": rank1_linear_eager,
         "compiled": torch.compile(rank1_linear_eager, dynamic=False),  # compiles lazily, on first call
         "floor": lambda x, w, r, s, b: torch.matmul(x, w.t()),
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         print("correctness: fused vs float64 reference, max relative error "
               + ", ".join(f"{name} {error:.2e}" for name, error in errors.items()))
     else:
-        print("No CUDA device: timing only the eager reference on the CPU; the fused kernel is checked "
+        print("No CUDA device: timing only the eager reference and the folded form on the CPU; the fused kernel is checked "
               "for correctness in Triton's interpreter.")
         errors = {"fp32": _interpreted_correctness_check()}
         print(f"correctness: interpreted fused kernel vs float64 reference, max relative error {errors['fp32']:.2e}")
@@ -349,10 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows:
         grid = {**grid, "rows": args.rows}
     if cuda:
-        results = run_grid(grid, args.dtype, CUDA_DEVICE, ["fused", "eager", "compiled", "floor"], _time_gpu,
+        results = run_grid(grid, args.dtype, CUDA_DEVICE, ["fused", "folded", "eager", "compiled", "floor"], _time_gpu,
                            args.out)
     else:
-        results = run_grid(grid, args.dtype, "cpu", ["eager"], _time_cpu, args.out)
+        results = run_grid(grid, args.dtype, "cpu", ["eager", "folded"], _time_cpu, args.out)
     print(format_table(results))
     for line in summary(results):
         print(line)

@@ -62,14 +62,15 @@ def test_main_without_cuda_writes_json_and_csv(tmp_path, monkeypatch, capsys):
     records = json.loads((tmp_path / "out.json").read_text())
     with open(tmp_path / "out.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["pass"], r["impl"], r["dtype"]) for r in records] == [("fwd", "eager", "bf16"), ("fwd+bwd", "eager", "bf16")]
+    assert [(r["pass"], r["impl"], r["dtype"]) for r in records] == [
+        ("fwd", "eager", "bf16"), ("fwd", "folded", "bf16"), ("fwd+bwd", "eager", "bf16"), ("fwd+bwd", "folded", "bf16")]
     assert [float(r["ms"]) for r in rows] == pytest.approx([r["ms"] for r in records])
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
 # The CUDA branch dry-run: stub timings per impl, in the order main() times them.
-STUB_MS = {"fused": 2.0, "eager": 3.0, "compiled": 4.0, "floor": 1.0}
-GPU_IMPLS = ["fused", "eager", "compiled", "floor"]
+STUB_MS = {"fused": 2.0, "folded": 1.5, "eager": 3.0, "compiled": 4.0, "floor": 1.0}
+GPU_IMPLS = ["fused", "folded", "eager", "compiled", "floor"]
 
 
 @pytest.fixture

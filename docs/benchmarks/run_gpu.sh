@@ -2,6 +2,8 @@
 # The GPU checks and benchmarks behind docs/benchmarks/{rank1,training}.md, in stages:
 #   bash docs/benchmarks/run_gpu.sh STAGE [STAGE ...]
 #   env    device, driver and package versions
+#   lstm   the LSTM tests of tests/test_gpu.py only (kernels.rank1_lstm with every cell config,
+#          the fused all-members path): the code no GPU has run yet, first
 #   check  tests/test_gpu.py: compiled kernels and CUDA training against float64 references
 #          (10 to 28 s per test on an H100 with a cold Triton cache, mostly compiling)
 #   quick  python -m kernels.bench --quick (bf16)
@@ -17,6 +19,8 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 SYNTH="data.corpus=synthetic data.dir=/tmp/bench_synth data.synthetic_bytes=20000000"
+# A per-test limit where pytest-timeout is installed (not a project dependency).
+PER_TEST=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 100")
 
 stage() {  # stage NAME LIMIT_SECONDS COMMAND...
     local name=$1 limit=$2
@@ -33,8 +37,10 @@ for s in "$@"; do
         stage env 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
             python3 -c "import sys, torch, triton, accelerate; print(sys.version.split()[0], \"torch\", torch.__version__,
             \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"accelerate\", accelerate.__version__)"' ;;
+    lstm)
+        stage lstm 300 python3 -m pytest tests/test_gpu.py -q -rs --durations=12 $PER_TEST -k "lstm" ;;
     check)
-        stage check 590 python3 -m pytest tests/test_gpu.py -q -rs --durations=12 --timeout 100 ;;
+        stage check 590 python3 -m pytest tests/test_gpu.py -q -rs --durations=12 $PER_TEST ;;
     quick)
         stage quick 300 python3 -m kernels.bench --quick --dtype bf16 --out "$OUT/rank1_quick" ;;
     train)
