@@ -50,8 +50,9 @@ class ModelConfig:
     hidden_size: int = 500
     num_layers: int = 1
     # How the LSTM runs all K members at once (parallel schedule, ensemble evaluation):
-    # fused (kernels.rank1_linear over every member, a time loop), folded (one nn.LSTM per
-    # member with its folded weights), auto (folded: faster on CPU and on an H100).
+    # fused (kernels.rank1_linear and kernels.rank1_lstm over every member at once), folded
+    # (one nn.LSTM per member with its folded weights), auto (whichever measured faster:
+    # fused on the CPU from 500 hidden units, folded otherwise; lm/models/lstm.py).
     lstm_members: str = "auto"
     # Transformer
     d_model: int = 512

@@ -59,12 +59,15 @@ def test_member_modes_shapes_and_agreement(name):
     assert not torch.allclose(everyone[0], everyone[1])  # the members really differ
 
 
-def test_lstm_all_members_way_defaults_to_folded():
-    from lm.models.lstm import all_members_way
+def test_lstm_all_members_way_auto_follows_the_measurements():
+    from lm.models.lstm import CPU_FUSED_FROM_HIDDEN, all_members_way
 
-    assert all_members_way("auto") == "folded"
-    assert all_members_way("folded") == "folded"
-    assert all_members_way("fused") == "fused"
+    assert CPU_FUSED_FROM_HIDDEN == 500
+    assert all_members_way("auto", 500, "cpu") == all_members_way("auto", 750, "cpu") == "fused"
+    assert all_members_way("auto", 384, "cpu") == "folded"
+    assert all_members_way("auto", 500, "cuda") == "folded"
+    assert all_members_way("folded", 500, "cpu") == "folded"
+    assert all_members_way("fused", 64, "cuda") == "fused"
 
 
 @pytest.mark.parametrize("name", ["lstm", "lstm_fused"])

@@ -18,9 +18,9 @@ All members at once ("parallel", "all") run one of two ways (`model.lstm_members
   autograd node for the window (backpropagation through time by hand, weight gradients from
   all steps at once). A window costs T steps for all members instead of K x T.
 - folded: one nn.LSTM per member on its rows (the fused recurrence, K times).
-`auto` picks folded. On the CPU it measured faster at 64 and 256 units and within 3% of fused
-at the paper's 500 (docs/benchmarks/training_cpu.md); on an H100 it beat the earlier fused path
-(a per-step autograd graph), and the present one is not yet measured there (training.md).
+`auto` picks fused on the CPU from CPU_FUSED_FROM_HIDDEN units and folded otherwise, as measured
+(docs/benchmarks/training_cpu.md). On CUDA folded beat the earlier fused path (a per-step
+autograd graph) on an H100; the present one is not yet measured there (training.md).
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ class LSTMLM(nn.Module):
         if isinstance(member, int):
             out, new_state = self.rnn(x, state, member)
             return self.decoder(out), new_state
-        how = all_members_way(self.cfg.lstm_members)
+        how = all_members_way(self.cfg.lstm_members, self.cfg.hidden_size, x.device.type)
         if member == "all":
             out, new_state = self.rnn.all_members(x, state, shared_input=True, how=how)
             return self.decoder(out), new_state
@@ -161,9 +161,18 @@ class LSTMLM(nn.Module):
         return self.decoder(out), (h, c)
 
 
-def all_members_way(setting: str) -> str:
-    """model.lstm_members resolved: "auto" is folded, the faster way where measured (module docstring)."""
-    return "folded" if setting == "auto" else setting
+# Hidden units from which fused beat folded on the CPU (2 cores, batch 120 x 150, K=10; cost per
+# byte against plain, fused vs folded): 1.29 vs 1.12 at 256 units, 1.19 vs 1.13 at 384, 1.19 vs
+# 1.27 at 500, 1.19 vs 1.38 at 750. Fused's per-step elementwise work weighs less as the
+# recurrent matmul grows; folded's oneDNN LSTMs on B/K rows each lose more.
+CPU_FUSED_FROM_HIDDEN = 500
+
+
+def all_members_way(setting: str, hidden_size: int, device_type: str) -> str:
+    """model.lstm_members resolved: "auto" takes the way that measured faster (module docstring)."""
+    if setting != "auto":
+        return setting
+    return "fused" if device_type == "cpu" and hidden_size >= CPU_FUSED_FROM_HIDDEN else "folded"
 
 
 def _rows_to_members(t: torch.Tensor, dim: int, members: int) -> torch.Tensor:
