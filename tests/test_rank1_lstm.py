@@ -75,8 +75,10 @@ def check_against_reference(impl, dtype, generator):
     assert grads[0][:, :, [0, -1]].abs().max() == 0  # steps outside the slice get no gradient
 
 
-def test_eager_matches_float64_reference(poisoned_outputs):
-    check_against_reference("eager", torch.float32, torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_eager_matches_float64_reference(dtype, poisoned_outputs):
+    # bf16 on the CPU is what CPU autocast (train.mixed_precision=bf16) runs.
+    check_against_reference("eager", dtype, torch.Generator().manual_seed(1 + (dtype == torch.bfloat16)))
     # out, then each step's cell and activations; then d gates
     assert poisoned_outputs == [(K, B, T, H), *[(K, B, H), (K, B, 4 * H)] * T, (K, B, T, 4 * H)]
 
