@@ -133,12 +133,14 @@ def _lstm_cell_fwd_kernel(
 @triton.autotune(configs=_active_configs(), key=_KEY)
 @triton.jit
 def _lstm_cell_bwd_kernel(
-    dh_ptr, dc_ptr, act_ptr, c_prev_ptr, c_ptr, dgates_ptr, dc_prev_ptr,
+    dout_ptr, dh_ptr, dc_ptr, act_ptr, c_prev_ptr, c_ptr, dgates_ptr, dc_prev_ptr,
     R, B, H,
-    stride_ga, stride_gb,
+    stride_oa, stride_ob, stride_ga, stride_gb,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    # d gates go straight into their time step of the (K, B, T, 4H) gradient.
+    # dh = the loss's gradient at this step (read in place from the window's (K, B, T, H)
+    # gradient) + the next step's recurrent gradient; d gates go straight into their time
+    # step of the (K, B, T, 4H) gradient.
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = (rows < R)[:, None] & (cols < H)[None, :]
@@ -149,7 +151,8 @@ def _lstm_cell_bwd_kernel(
     g = tl.load(act_ptr + gate + 2 * H, mask=mask)
     o = tl.load(act_ptr + gate + 3 * H, mask=mask)
     tanh_c = _tanh(tl.load(c_ptr + cell, mask=mask))
-    dh = tl.load(dh_ptr + cell, mask=mask).to(tl.float32)
+    dout = tl.load(dout_ptr + _row_offsets(rows, B, stride_oa, stride_ob)[:, None] + cols[None, :], mask=mask)
+    dh = dout.to(tl.float32) + tl.load(dh_ptr + cell, mask=mask).to(tl.float32)
     dc = tl.load(dc_ptr + cell, mask=mask) + dh * o * (1.0 - tanh_c * tanh_c)
     c_prev = tl.load(c_prev_ptr + cell, mask=mask)
     out_ty = dgates_ptr.dtype.element_ty
@@ -169,8 +172,8 @@ def _grid(meta, rows: int, hidden: int):
 
 
 class _TritonSteps:
-    """One time step each way with the kernels: recurrent product, then the cell (forward);
-    the cell's gradient, then the recurrent product's input gradient (backward)."""
+    """One time step each way, two launches each: the recurrent product, then the cell
+    (forward); the cell's gradient, then the recurrent product's input gradient (backward)."""
 
     @staticmethod
     def forward(x_gates, h, c_prev, weight, r, s, h_out, c_out, act_out) -> None:
@@ -185,13 +188,13 @@ class _TritonSteps:
         )
 
     @staticmethod
-    def backward(dh, dc, act, c_prev, c, weight, r, s, dgates_out) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward(dout, dh, dc, act, c_prev, c, weight, r, s, dgates_out) -> tuple[torch.Tensor, torch.Tensor]:
         members, batch, hidden = c.shape
         rows = members * batch
         dc_prev = rank1.output_buffer(c.shape, torch.float32, c.device)
         _lstm_cell_bwd_kernel[lambda meta: _grid(meta, rows, hidden)](
-            dh.contiguous(), dc.contiguous(), act, c_prev, c, dgates_out, dc_prev, rows, batch, hidden,
-            dgates_out.stride(0), dgates_out.stride(1),
+            dout, dh.contiguous(), dc.contiguous(), act, c_prev, c, dgates_out, dc_prev, rows, batch, hidden,
+            dout.stride(0), dout.stride(1), dgates_out.stride(0), dgates_out.stride(1),
         )
         return rank1._backward_dx(dgates_out, weight, r, s, shared=False), dc_prev
 
@@ -211,8 +214,8 @@ class _EagerSteps:
         _cell_eager(gates, c_prev, h_out, c_out, act_out if act_out is not None else torch.empty_like(gates))
 
     @staticmethod
-    def backward(dh, dc, act, c_prev, c, weight, r, s, dgates_out) -> tuple[torch.Tensor, torch.Tensor]:
-        dc_prev = _cell_backward_eager(act, c_prev, c, dh, dc, dgates_out)
+    def backward(dout, dh, dc, act, c_prev, c, weight, r, s, dgates_out) -> tuple[torch.Tensor, torch.Tensor]:
+        dc_prev = _cell_backward_eager(act, c_prev, c, dout + dh, dc, dgates_out)
         return torch.matmul(dgates_out * r.unsqueeze(-2), weight) * s.unsqueeze(-2), dc_prev
 
     @staticmethod
@@ -277,7 +280,7 @@ class Rank1LSTMFunction(torch.autograd.Function):
         # one copy makes every step's slice a cheap strided read.
         dout = dout.contiguous()
         for t in reversed(range(length)):
-            dh, dc = steps.backward(dout[:, :, t] + dh, dc, acts[t], cells[t], cells[t + 1], weight, r, s,
+            dh, dc = steps.backward(dout[:, :, t], dh, dc, acts[t], cells[t], cells[t + 1], weight, r, s,
                                     dgates[:, :, t])
         dw = dr = ds = None
         if any(ctx.needs_input_grad[1:4]):
