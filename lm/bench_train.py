@@ -36,6 +36,7 @@ from lm.accelerator import make_accelerator
 from lm.config import Config, ConfigError, load_config
 from lm.late_phase import LatePhaseLinear
 from lm.models import build_model, detach_state
+from lm.models.lstm import all_members_way
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, datasheets, without sparsity), matched in order
 # against torch.cuda.get_device_name(); --peak-tflops overrides.
@@ -177,6 +178,10 @@ def bench(cfg: Config, steps: int, warmup: int, repeats: int,
                 best[name] = max(best[name], measure_chars_per_second(step, steps, accelerator.device))
         if profile_steps:
             notes.extend(profile(name, step, profile_steps, accelerator.device) for name, step in steppers.items())
+    if cfg.model.family == "lstm" and cfg.late_phase.mode == "late_phase":
+        way = all_members_way("auto", cfg.model.hidden_size, accelerator.device.type)
+        notes.insert(0, f"model.lstm_members=auto takes {way} here ({cfg.model.hidden_size} hidden units "
+                        f"on {accelerator.device.type})")
     return best, notes, accelerator.device
 
 
