@@ -335,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         print("correctness: fused vs float64 reference, max relative error "
               + ", ".join(f"{name} {error:.2e}" for name, error in errors.items()))
     else:
-        print("No CUDA device: timing only the eager reference and the folded form on the CPU; the fused kernel is checked "
-              "for correctness in Triton's interpreter.")
+        print("No CUDA device: timing only the eager reference and the folded form on the CPU; the fused kernel "
+              "is checked for correctness in Triton's interpreter.")
         errors = {"fp32": _interpreted_correctness_check()}
         print(f"correctness: interpreted fused kernel vs float64 reference, max relative error {errors['fp32']:.2e}")
     for name, error in errors.items():
@@ -352,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows:
         grid = {**grid, "rows": args.rows}
     if cuda:
-        results = run_grid(grid, args.dtype, CUDA_DEVICE, ["fused", "folded", "eager", "compiled", "floor"], _time_gpu,
-                           args.out)
+        results = run_grid(grid, args.dtype, CUDA_DEVICE, ["fused", "folded", "eager", "compiled", "floor"],
+                           _time_gpu, args.out)
     else:
         results = run_grid(grid, args.dtype, "cpu", ["eager", "folded"], _time_cpu, args.out)
     print(format_table(results))
