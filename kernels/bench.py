@@ -261,6 +261,9 @@ def summary(results: list[Row]) -> list[str]:
                 mean = statistics.mean(c["fused"].ms / c["floor"].ms for c in bound)
                 parts.append(f"ratio to floor (M >= {COMPUTE_BOUND_ROWS}) {mean:.2f}"
                              + (_versus(TARGET_FLOOR_RATIO, mean, at_most=True) if judged else ""))
+            if all("folded" in c for c in fused):
+                mean = statistics.mean(c["folded"].ms / c["fused"].ms for c in fused)
+                parts.append(f"over folded {mean:.2f}x")
             if all("eager" in c for c in fused) and not any(c["fused"].peak_mib != c["fused"].peak_mib for c in fused):
                 worse = sum(c["fused"].peak_mib > c["eager"].peak_mib for c in fused)
                 parts.append(f"peak memory above eager in {worse}/{len(fused)} shapes"

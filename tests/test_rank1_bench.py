@@ -169,17 +169,18 @@ def test_cuda_branch_dry_run_tables_relates_and_writes_every_impl(tmp_path, monk
     assert "max relative error bf16 " in printed  # the dtype timed is the dtype checked
     assert sum(line.startswith("tiny ") for line in printed.splitlines()) == len(records)
     summary = {line.split(":")[0]: line for line in printed.splitlines() if line.startswith("bf16 ")}
-    # Means over the grid: eager 3 / fused 2, compiled 4 / fused 2, fused 2 / floor 1 (rows 8 only);
+    # Means over the grid: eager 3 / fused 2, compiled 4 / fused 2, fused 2 / floor 1 (rows 8 only),
+    # folded 1.5 / fused 2 (a speed-up below 1: folded was faster);
     # the fused kernel's peak is below eager's in both cases (peaks grow in call order).
     # Only bf16 fwd+bwd is judged against issue 3's targets.
     assert summary["bf16 fwd+bwd"] == (
         "bf16 fwd+bwd: speed-up over eager 1.50x (meets target >= 1.5), over torch.compile 2.00x "
-        "(meets target >= 1.2), ratio to floor (M >= 8) 2.00 (MISSES target <= 1.15), "
+        "(meets target >= 1.2), ratio to floor (M >= 8) 2.00 (MISSES target <= 1.15), over folded 0.75x, "
         "peak memory above eager in 0/2 shapes (meets target <= 0)"
     )
     assert summary["bf16 fwd"] == (
         "bf16 fwd: speed-up over eager 1.50x, over torch.compile 2.00x, ratio to floor (M >= 8) 2.00, "
-        "peak memory above eager in 0/2 shapes"
+        "over folded 0.75x, peak memory above eager in 0/2 shapes"
     )
 
 
