@@ -31,7 +31,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels import rank1
-from kernels.rank1 import IMPLS, SUPPORTED_DTYPES, interpreting, rank1_linear_eager
+from kernels.rank1 import IMPLS, SUPPORTED_DTYPES, interpreting
 
 
 # --------------------------------------------------------------------------------------

@@ -27,9 +27,8 @@ from lm.late_phase import Rank1Factors, late_phase_parameters
 from lm.models import build_model
 from tests.test_rank1 import reference as rank1_reference
 from tests.test_rank1 import relative_error
-from tests.test_rank1_lstm import make_inputs as lstm_inputs
 from tests.test_rank1_lstm import TOLERANCE as LSTM_TOLERANCE
-from tests.test_rank1_lstm import reference as lstm_reference
+from tests.test_rank1_lstm import check_against_reference as check_lstm
 from tests.test_train import fresh_accelerate_state  # noqa: F401 (autouse: Accelerate's state per test)
 
 pytestmark = pytest.mark.skipif(
@@ -141,20 +140,9 @@ def test_rank1_lstm_every_cell_config(config, dtype, monkeypatch):
         monkeypatch.setattr(kernel, "configs", [config])
     set_dtype("fp32" if dtype == torch.float32 else "bf16")
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    leaves, args = lstm_inputs(dtype, generator, members=3, batch=37, steps=6, hidden=500)
-    cuda_leaves = [t.detach().cuda().requires_grad_() for t in leaves]
-    results = kernels.rank1_lstm(cuda_leaves[0][:, :, 1:-1], *cuda_leaves[1:], impl="triton")
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    expected = lstm_reference(leaves64[0][:, :, 1:-1], *leaves64[1:])
-    tolerance = max(TOLERANCE[dtype], LSTM_TOLERANCE[dtype])  # IEEE float32 dots, or bf16 through every step
-    for name, got, want in zip(("out", "h", "c"), results, expected):
-        assert relative_error(got.cpu(), want) < tolerance, name
-    seeds = [torch.randn(e.shape, generator=generator, dtype=torch.float64) for e in expected]
-    grads = torch.autograd.grad(sum((got.double() * w.cuda()).sum() for got, w in zip(results, seeds)), cuda_leaves)
-    expected_grads = torch.autograd.grad(sum((e * w).sum() for e, w in zip(expected, seeds)), leaves64)
-    for name, grad, want in zip(("x_gates", "weight", "r", "s", "h0", "c0"), grads, expected_grads):
-        assert torch.isfinite(grad).all(), name
-        assert relative_error(grad.cpu(), want) < tolerance, name
+    # IEEE float32 dots, or bf16 through every step
+    check_lstm("triton", dtype, generator, device="cuda",
+               tolerance=max(TOLERANCE[dtype], LSTM_TOLERANCE[dtype]), members=3, batch=37, steps=6, hidden=500)
 
 
 def randomized_late_model(cfg: ModelConfig, members: int, seed: int) -> torch.nn.Module:

@@ -56,22 +56,26 @@ def make_inputs(dtype, generator, members=K, batch=B, steps=T, hidden=H):
     return leaves, [window[:, :, 1:-1], *leaves[1:]]
 
 
-def check_against_reference(impl, dtype, generator):
-    leaves, args = make_inputs(dtype, generator)
-    out, h, c = kernels.rank1_lstm(*args, impl=impl)
-    assert out.shape == (K, B, T, H) and h.shape == c.shape == (K, B, H)
+def check_against_reference(impl, dtype, generator, device="cpu", tolerance=None, **sizes):
+    """Outputs and all six gradients of rank1_lstm on `device` vs the float64 reference on the CPU."""
+    cpu_leaves, _ = make_inputs(dtype, generator, **sizes)
+    leaves = [t.detach().to(device).requires_grad_() for t in cpu_leaves]
+    out, h, c = kernels.rank1_lstm(leaves[0][:, :, 1:-1], *leaves[1:], impl=impl)
+    members, batch, steps, hidden = *cpu_leaves[4].shape[:2], cpu_leaves[0].shape[2] - 2, cpu_leaves[3].shape[1]
+    assert out.shape == (members, batch, steps, hidden) and h.shape == c.shape == (members, batch, hidden)
     assert out.dtype == h.dtype == dtype and c.dtype == torch.float32
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    leaves64 = [t.detach().double().requires_grad_() for t in cpu_leaves]
     expected = reference(leaves64[0][:, :, 1:-1], *leaves64[1:])
-    tolerance = TOLERANCE[dtype]
+    tolerance = tolerance or TOLERANCE[dtype]
     for name, got, want in zip(("out", "h", "c"), (out, h, c), expected):
-        assert relative_error(got, want) < tolerance, name
+        assert relative_error(got.cpu(), want) < tolerance, name
     seeds = [torch.randn(e.shape, generator=generator, dtype=torch.float64) for e in expected]
-    grads = torch.autograd.grad(sum((got.double() * w).sum() for got, w in zip((out, h, c), seeds)), leaves)
+    got = sum((g.double() * w.to(device)).sum() for g, w in zip((out, h, c), seeds))
+    grads = torch.autograd.grad(got, leaves)
     expected_grads = torch.autograd.grad(sum((e * w).sum() for e, w in zip(expected, seeds)), leaves64)
     for name, grad, want, leaf in zip(NAMES, grads, expected_grads, leaves):
         assert grad.dtype == leaf.dtype and torch.isfinite(grad).all(), name
-        assert relative_error(grad, want) < tolerance, name
+        assert relative_error(grad.cpu(), want) < tolerance, name
     assert grads[0][:, :, [0, -1]].abs().max() == 0  # steps outside the slice get no gradient
 
 
