@@ -179,9 +179,9 @@ def bench(cfg: Config, steps: int, warmup: int, repeats: int,
         if profile_steps:
             notes.extend(profile(name, step, profile_steps, accelerator.device) for name, step in steppers.items())
     if cfg.model.family == "lstm" and cfg.late_phase.mode == "late_phase":
-        way = all_members_way("auto", cfg.model.hidden_size, accelerator.device.type)
-        notes.insert(0, f"model.lstm_members=auto takes {way} here ({cfg.model.hidden_size} hidden units "
-                        f"on {accelerator.device.type})")
+        way = all_members_way("auto", "parallel", cfg.model.hidden_size, accelerator.device.type)
+        notes.insert(0, f"model.lstm_members=auto takes {way} for the parallel schedule here "
+                        f"({cfg.model.hidden_size} hidden units on {accelerator.device.type})")
     return best, notes, accelerator.device
 
 

@@ -51,8 +51,8 @@ class ModelConfig:
     num_layers: int = 1
     # How the LSTM runs all K members at once (parallel schedule, ensemble evaluation):
     # fused (kernels.rank1_linear and kernels.rank1_lstm over every member at once), folded
-    # (one nn.LSTM per member with its folded weights), auto (whichever measured faster:
-    # fused on the CPU from 500 hidden units, folded otherwise; lm/models/lstm.py).
+    # (one nn.LSTM per member with its folded weights), auto (whichever measured faster: fused
+    # for the CPU's parallel schedule from 500 hidden units, folded otherwise; lm/models/lstm.py).
     lstm_members: str = "auto"
     # Transformer
     d_model: int = 512

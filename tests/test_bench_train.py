@@ -33,7 +33,7 @@ def test_cli_prints_minimal_loop_ours_and_late_phase_numbers(tmp_path, capsys, m
     assert re.search(r"ours: plain .* [\d.]+x the minimal loop", out)
     assert re.search(r"sequential .* [\d.]+x plain", out)
     assert re.search(r"parallel .* cost per byte [\d.]+x plain", out)
-    assert "note: model.lstm_members=auto takes folded here (16 hidden units on cpu)" in out
+    assert "note: model.lstm_members=auto takes folded for the parallel schedule here (16 hidden units on cpu)" in out
     # --profile: one operator table per variant, after the figures
     assert len(re.findall(r"^note: profile of .+, 1 steps:$", out, flags=re.M)) == len(rows)
     assert "Self CPU" in out

@@ -63,11 +63,12 @@ def test_lstm_all_members_way_auto_follows_the_measurements():
     from lm.models.lstm import CPU_FUSED_FROM_HIDDEN, all_members_way
 
     assert CPU_FUSED_FROM_HIDDEN == 500
-    assert all_members_way("auto", 500, "cpu") == all_members_way("auto", 750, "cpu") == "fused"
-    assert all_members_way("auto", 384, "cpu") == "folded"
-    assert all_members_way("auto", 500, "cuda") == "folded"
-    assert all_members_way("folded", 500, "cpu") == "folded"
-    assert all_members_way("fused", 64, "cuda") == "fused"
+    assert all_members_way("auto", "parallel", 500, "cpu") == all_members_way("auto", "parallel", 750, "cpu") == "fused"
+    assert all_members_way("auto", "parallel", 384, "cpu") == "folded"
+    assert all_members_way("auto", "all", 500, "cpu") == "folded"
+    assert all_members_way("auto", "parallel", 500, "cuda") == "folded"
+    assert all_members_way("folded", "parallel", 500, "cpu") == "folded"
+    assert all_members_way("fused", "all", 64, "cuda") == "fused"
 
 
 @pytest.mark.parametrize("name", ["lstm", "lstm_fused"])

@@ -18,8 +18,8 @@ All members at once ("parallel", "all") run one of two ways (`model.lstm_members
   autograd node for the window (backpropagation through time by hand, weight gradients from
   all steps at once). A window costs T steps for all members instead of K x T.
 - folded: one nn.LSTM per member on its rows (the fused recurrence, K times).
-`auto` picks fused on the CPU from CPU_FUSED_FROM_HIDDEN units and folded otherwise, as measured
-(docs/benchmarks/training_cpu.md). On CUDA folded beat the earlier fused path (a per-step
+`auto` picks fused for the CPU's parallel schedule from CPU_FUSED_FROM_HIDDEN units and folded
+otherwise, as measured (docs/benchmarks/training_cpu.md). On CUDA folded beat the earlier fused path (a per-step
 autograd graph) on an H100; the present one is not yet measured there (training.md).
 """
 from __future__ import annotations
@@ -143,7 +143,7 @@ class LSTMLM(nn.Module):
         if isinstance(member, int):
             out, new_state = self.rnn(x, state, member)
             return self.decoder(out), new_state
-        how = all_members_way(self.cfg.lstm_members, self.cfg.hidden_size, x.device.type)
+        how = all_members_way(self.cfg.lstm_members, member, self.cfg.hidden_size, x.device.type)
         if member == "all":
             out, new_state = self.rnn.all_members(x, state, shared_input=True, how=how)
             return self.decoder(out), new_state
@@ -161,18 +161,23 @@ class LSTMLM(nn.Module):
         return self.decoder(out), (h, c)
 
 
-# Hidden units from which fused beat folded on the CPU (2 cores, batch 120 x 150, K=10; cost per
-# byte against plain, fused vs folded): 1.29 vs 1.12 at 256 units, 1.19 vs 1.13 at 384, 1.19 vs
-# 1.27 at 500, 1.19 vs 1.38 at 750. Fused's per-step elementwise work weighs less as the
-# recurrent matmul grows; folded's oneDNN LSTMs on B/K rows each lose more.
+# Hidden units from which fused beat folded for the parallel schedule on the CPU (2 cores,
+# batch 120 x 150, K=10, so 12 rows per member; cost per byte against plain, fused vs folded):
+# 1.29 vs 1.12 at 256 units, 1.19 vs 1.13 at 384, 1.19 vs 1.27 at 500, 1.19 vs 1.38 at 750.
+# Fused's per-step elementwise work weighs less as the recurrent matmul grows; folded's oneDNN
+# LSTMs on B/K rows each lose more. With every member on all rows (member="all", ensemble
+# evaluation) folded's LSTMs are wide: at 500 units and 64 rows it took 1.3 s per window
+# against fused's 2.0 s, so "all" stays folded.
 CPU_FUSED_FROM_HIDDEN = 500
 
 
-def all_members_way(setting: str, hidden_size: int, device_type: str) -> str:
-    """model.lstm_members resolved: "auto" takes the way that measured faster (module docstring)."""
+def all_members_way(setting: str, member: str, hidden_size: int, device_type: str) -> str:
+    """model.lstm_members resolved for member "parallel" or "all": "auto" takes the way that
+    measured faster (module docstring)."""
     if setting != "auto":
         return setting
-    return "fused" if device_type == "cpu" and hidden_size >= CPU_FUSED_FROM_HIDDEN else "folded"
+    fused = device_type == "cpu" and member == "parallel" and hidden_size >= CPU_FUSED_FROM_HIDDEN
+    return "fused" if fused else "folded"
 
 
 def _rows_to_members(t: torch.Tensor, dim: int, members: int) -> torch.Tensor:
