@@ -106,7 +106,7 @@ def _lstm_cell_fwd_kernel(
     SAVE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     # h goes straight into its time step of the (K, B, T, H) output; c and the activations
-    # into contiguous per-step slices of the saved buffers.
+    # into the step's own contiguous buffers.
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = (rows < R)[:, None] & (cols < H)[None, :]
