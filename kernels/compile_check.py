@@ -1,4 +1,4 @@
-"""Ahead-of-time GPU compile check of every kernel (rank-1 linear, LSTM cell) with every autotune config.
+"""Ahead-of-time GPU compile check of every kernel (rank-1 linear, LSTM step) with every autotune config.
 
 The CPU interpreter accepts kernels that the GPU compiler rejects (for instance a tl.dot
 with a block dimension under 16), so this compiles each kernel, for each config the
@@ -27,12 +27,12 @@ from dataclasses import asdict, dataclass
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
 DTYPES = ("fp32", "bf16")
 # The launch-time flags every kernel is compiled with (the slower branch where there is one).
-FLAGS = {"HAS_BIAS": True, "DOT_PRECISION": "tf32", "UPCAST": False, "SAVE": True}
+FLAGS = {"HAS_BIAS": True, "DOT_PRECISION": "tf32", "UPCAST": False, "SAVE": True, "RECURRENT": True}
 # float32 buffers whatever the input dtype: the dW kernel's atomic accumulators, the LSTM
 # cell state and saved gate activations.
 FLOAT32_POINTERS = {"dw_ptr", "dr_ptr", "ds_ptr", "c_prev_ptr", "c_ptr", "act_ptr", "dc_ptr", "dc_prev_ptr"}
-# Kernels with a main loop over tiles, which must be software-pipelined; the rest are pointwise.
-MATMUL_KERNELS = {"forward", "dx", "dw"}
+# Kernels with a main loop over tiles, which must be software-pipelined (all of them).
+MATMUL_KERNELS = {"forward", "dx", "dw", "step_fwd", "step_bwd"}
 # The launches being mirrored: contiguous tensors. The JIT turns an int argument equal to 1
 # into a constant (the innermost strides) and marks 16-aligned pointers and ints divisible by
 # 16. Layout "aligned16": every size a multiple of 16 (d_model 512, 4H = 2000): all configs,
@@ -42,7 +42,7 @@ MATMUL_KERNELS = {"forward", "dx", "dw"}
 UNIT_STRIDES = {
     "stride_xd", "stride_wd", "stride_rn", "stride_sd", "stride_bn", "stride_yn", "stride_dyn", "stride_dxd",
 }
-DIVISIBLE_INTS = {"M", "N", "D"}
+DIVISIBLE_INTS = {"M", "N", "D", "H"}
 LAYOUT_ALIGN = {"aligned16": 16, "aligned4": 4}
 
 
@@ -68,8 +68,8 @@ def _kernels() -> dict:
         "forward": (rank1._rank1_fwd_kernel, rank1.FORWARD_CONFIGS),
         "dx": (rank1._rank1_dx_kernel, rank1.DX_CONFIGS),
         "dw": (rank1._rank1_dw_kernel, rank1.DW_CONFIGS),
-        "cell_fwd": (lstm._lstm_cell_fwd_kernel, lstm.CELL_CONFIGS),
-        "cell_bwd": (lstm._lstm_cell_bwd_kernel, lstm.CELL_CONFIGS),
+        "step_fwd": (lstm._lstm_step_fwd_kernel, lstm.STEP_FWD_CONFIGS),
+        "step_bwd": (lstm._lstm_step_bwd_kernel, lstm.STEP_BWD_CONFIGS),
     }
 
 

@@ -1,4 +1,4 @@
-"""An LSTM layer's recurrence over a window for all K rank-1 members at once, and its fused cell.
+"""An LSTM layer's recurrence over a window for all K rank-1 members at once.
 
 Member k's recurrent matrix is W_hh * (r_k s_kᵀ) (PAPER.md section 2), so one time step is
 
@@ -14,14 +14,14 @@ at once (one batched matmul over K x B x T rows), as cuDNN does for its own weig
 An autograd graph per step would instead compute them T times and add ~20 nodes per step.
 
 Two implementations of the same steps: "triton" (CUDA, or the CPU interpreter in tests) runs
-kernels.rank1's launchers and the fused cell kernels below (one launch for the update, one for
-its gradient, gate activations kept in float32); "eager" runs PyTorch ops (the CPU path and
-the float64 reference). Layout as in kernels/rank1.py: eager reference, Triton kernels, the
-autograd Function and the dispatcher side by side; `python -m kernels.compile_check`
-compiles the cell kernels for sm_90 and sm_80.
+one kernel per step each way, the recurrent product with the cell update (or its gradient)
+in the epilogue, so the gates never go through memory and a window of T steps costs 2T + 1
+launches; "eager" runs PyTorch ops (the CPU path and the float64 reference). Layout as in
+kernels/rank1.py: eager reference, Triton kernels, the autograd Function and the dispatcher
+side by side; `python -m kernels.compile_check` compiles the step kernels for sm_90 and sm_80.
 
 Rows are (A, B) pairs of the leading dims, so a time step sliced out of a (K, B, T, 4H)
-tensor is read in place through its two row strides.
+tensor, or a state regrouped by member, is read in place through its two row strides.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels import rank1
-from kernels.rank1 import IMPLS, SUPPORTED_DTYPES, interpreting
+from kernels.rank1 import IMPLS, SUPPORTED_DTYPES, _mma, interpreting
 
 
 # --------------------------------------------------------------------------------------
@@ -66,24 +66,28 @@ def _cell_backward_eager(act: torch.Tensor, c_prev: torch.Tensor, c: torch.Tenso
 
 
 # --------------------------------------------------------------------------------------
-# Autotune configs (rows x hidden units per program). The interpreter cannot time configs and
+# Autotune configs (rows x hidden units per program, and the reduction chunk: BLOCK_D over
+# the H inputs forward, BLOCK_N over the 4H gates backward). Each program owns a block of
+# hidden units and all four of their gates, so the cell update runs in the recurrent product's
+# epilogue. The paper's LSTM in the parallel schedule has K x B = 120 rows of 500 units: small
+# tiles give enough programs to spread over the GPU. The interpreter cannot time configs and
 # its cost grows with the number of programs, so it gets one large tile.
 # --------------------------------------------------------------------------------------
-def _config(block_r: int, block_h: int, warps: int) -> triton.Config:
-    return triton.Config({"BLOCK_R": block_r, "BLOCK_H": block_h}, num_warps=warps)
+def _config(block_r: int, block_h: int, block_k: int, warps: int, stages: int, reduce: str) -> triton.Config:
+    return triton.Config({"BLOCK_R": block_r, "BLOCK_H": block_h, reduce: block_k}, num_warps=warps,
+                         num_stages=stages)
 
 
-CELL_CONFIGS = [_config(4, 256, 4), _config(8, 128, 4), _config(16, 64, 4), _config(32, 128, 8)]
-INTERPRETER_CONFIG = _config(64, 128, 4)
-_KEY = ["R", "H"]
-
-
-def _active_configs() -> list[triton.Config]:
-    return [INTERPRETER_CONFIG] if interpreting() else CELL_CONFIGS
+STEP_FWD_CONFIGS = [_config(16, 32, 64, 4, 3, "BLOCK_D"), _config(32, 32, 64, 4, 3, "BLOCK_D"),
+                    _config(32, 64, 32, 4, 3, "BLOCK_D"), _config(64, 64, 32, 8, 3, "BLOCK_D")]
+STEP_BWD_CONFIGS = [_config(16, 32, 64, 4, 3, "BLOCK_N"), _config(32, 32, 64, 4, 3, "BLOCK_N"),
+                    _config(32, 64, 64, 4, 3, "BLOCK_N"), _config(64, 64, 32, 8, 3, "BLOCK_N")]
+_INTERPRETER_FWD = _config(64, 64, 64, 4, 1, "BLOCK_D")
+_INTERPRETER_BWD = _config(64, 64, 64, 4, 1, "BLOCK_N")
 
 
 # --------------------------------------------------------------------------------------
-# Triton kernels.
+# Triton kernels: one launch per time step each way.
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _tanh(x):
@@ -93,70 +97,135 @@ def _tanh(x):
 
 
 @triton.jit
-def _row_offsets(rows, B, stride_a, stride_b):
-    return (rows // B) * stride_a + (rows % B) * stride_b
+def _row_offsets(rows, B, stride_a, stride_b, ALIGN: tl.constexpr):
+    """Offsets of rows (a, b) = (row // B, row % B) as a column, each a multiple of ALIGN."""
+    return tl.multiple_of(((rows // B) * stride_a + (rows % B) * stride_b)[:, None], [ALIGN, ALIGN])
 
 
-@triton.autotune(configs=_active_configs(), key=_KEY)
+@triton.autotune(configs=rank1.active_configs(STEP_FWD_CONFIGS, _INTERPRETER_FWD), key=["R", "H"])
 @triton.jit
-def _lstm_cell_fwd_kernel(
-    xg_ptr, hg_ptr, c_prev_ptr, h_ptr, c_ptr, act_ptr,
+def _lstm_step_fwd_kernel(
+    xg_ptr, h_ptr, c_prev_ptr, w_ptr, r_ptr, s_ptr, h_out_ptr, c_ptr, act_ptr,
     R, B, H,
     stride_xa, stride_xb, stride_ha, stride_hb, stride_ca, stride_cb, stride_oa, stride_ob,
-    SAVE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # h goes straight into its time step of the (K, B, T, H) output; c and the activations
-    # into the step's own contiguous buffers.
+    """One step: gates = x_gates + ((h * s_k) @ W_hhᵀ) * r_k for this program's rows and units
+    (four accumulators, one per gate), then the cell update on them in float32.
+
+    Row `row` is (member, stream) = (row // B, row % B), so a tile may span members: s and r
+    are gathered per row. h goes straight into its time step of the (K, B, T, H) output; c and
+    the activations (when SAVE) into the step's own contiguous buffers.
+    """
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = (rows < R)[:, None] & (cols < H)[None, :]
-    xg = xg_ptr + _row_offsets(rows, B, stride_xa, stride_xb)[:, None] + cols[None, :]
-    hg = hg_ptr + _row_offsets(rows, B, stride_ha, stride_hb)[:, None] + cols[None, :]
-    i = tl.sigmoid(tl.load(xg, mask=mask).to(tl.float32) + tl.load(hg, mask=mask).to(tl.float32))
-    f = tl.sigmoid(tl.load(xg + H, mask=mask).to(tl.float32) + tl.load(hg + H, mask=mask).to(tl.float32))
-    g = _tanh(tl.load(xg + 2 * H, mask=mask).to(tl.float32) + tl.load(hg + 2 * H, mask=mask).to(tl.float32))
-    o = tl.sigmoid(tl.load(xg + 3 * H, mask=mask).to(tl.float32) + tl.load(hg + 3 * H, mask=mask).to(tl.float32))
-    c_prev = tl.load(c_prev_ptr + _row_offsets(rows, B, stride_ca, stride_cb)[:, None] + cols[None, :], mask=mask)
+    units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_r = rows < R
+    mask_u = tl.max_constancy(units < H, [ALIGN])
+    member = rows // B
+
+    h_ptrs = h_ptr + _row_offsets(rows, B, stride_ha, stride_hb, ALIGN) + offs_d[None, :]
+    s_ptrs = s_ptr + tl.multiple_of(member[:, None] * H, [ALIGN, ALIGN]) + offs_d[None, :]
+    # (BLOCK_D, BLOCK_H) tiles of W_hhᵀ for the input gate; the others start H x H further on.
+    wt_ptrs = w_ptr + tl.multiple_of(units[None, :] * H, [ALIGN, ALIGN]) + offs_d[:, None]
+    gate_step = H * H
+    acc_i = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+    acc_f = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+    for d0 in range(0, H, BLOCK_D):
+        mask_d = tl.max_constancy(offs_d < H - d0, [ALIGN])
+        mask_rd = mask_r[:, None] & mask_d[None, :]
+        h = tl.load(h_ptrs, mask=mask_rd, other=0.0)
+        s = tl.load(s_ptrs, mask=mask_rd, other=0.0)
+        hs = (h.to(tl.float32) * s.to(tl.float32)).to(w_ptr.dtype.element_ty)
+        mask_w = mask_d[:, None] & mask_u[None, :]
+        acc_i = _mma(hs, tl.load(wt_ptrs, mask=mask_w, other=0.0), acc_i, DOT_PRECISION, UPCAST)
+        acc_f = _mma(hs, tl.load(wt_ptrs + gate_step, mask=mask_w, other=0.0), acc_f, DOT_PRECISION, UPCAST)
+        acc_g = _mma(hs, tl.load(wt_ptrs + 2 * gate_step, mask=mask_w, other=0.0), acc_g, DOT_PRECISION,
+                           UPCAST)
+        acc_o = _mma(hs, tl.load(wt_ptrs + 3 * gate_step, mask=mask_w, other=0.0), acc_o, DOT_PRECISION,
+                           UPCAST)
+        h_ptrs += BLOCK_D
+        s_ptrs += BLOCK_D
+        wt_ptrs += BLOCK_D
+
+    mask = mask_r[:, None] & mask_u[None, :]
+    xg = xg_ptr + _row_offsets(rows, B, stride_xa, stride_xb, ALIGN) + units[None, :]
+    rg = r_ptr + member[:, None] * (4 * H) + units[None, :]
+    i = tl.sigmoid(tl.load(xg, mask=mask).to(tl.float32) + acc_i * tl.load(rg, mask=mask).to(tl.float32))
+    f = tl.sigmoid(tl.load(xg + H, mask=mask).to(tl.float32) + acc_f * tl.load(rg + H, mask=mask).to(tl.float32))
+    g = _tanh(tl.load(xg + 2 * H, mask=mask).to(tl.float32) + acc_g * tl.load(rg + 2 * H, mask=mask).to(tl.float32))
+    o = tl.sigmoid(tl.load(xg + 3 * H, mask=mask).to(tl.float32) + acc_o * tl.load(rg + 3 * H, mask=mask).to(tl.float32))
+    c_prev = tl.load(c_prev_ptr + _row_offsets(rows, B, stride_ca, stride_cb, 1) + units[None, :], mask=mask)
     c = f * c_prev.to(tl.float32) + i * g
     h = o * _tanh(c)
-    h_out = h_ptr + _row_offsets(rows, B, stride_oa, stride_ob)[:, None] + cols[None, :]
-    tl.store(h_out, h.to(h_ptr.dtype.element_ty), mask=mask)
-    tl.store(c_ptr + rows[:, None] * H + cols[None, :], c, mask=mask)
+    tl.store(h_out_ptr + _row_offsets(rows, B, stride_oa, stride_ob, ALIGN) + units[None, :],
+             h.to(h_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(c_ptr + rows[:, None] * H + units[None, :], c, mask=mask)
     if SAVE:
-        act = act_ptr + rows[:, None] * (4 * H) + cols[None, :]
+        act = act_ptr + rows[:, None] * (4 * H) + units[None, :]
         tl.store(act, i, mask=mask)
         tl.store(act + H, f, mask=mask)
         tl.store(act + 2 * H, g, mask=mask)
         tl.store(act + 3 * H, o, mask=mask)
 
 
-@triton.autotune(configs=_active_configs(), key=_KEY)
+@triton.autotune(configs=rank1.active_configs(STEP_BWD_CONFIGS, _INTERPRETER_BWD), key=["R", "H", "RECURRENT"])
 @triton.jit
-def _lstm_cell_bwd_kernel(
-    dout_ptr, dh_ptr, dc_ptr, act_ptr, c_prev_ptr, c_ptr, dgates_ptr, dc_prev_ptr,
+def _lstm_step_bwd_kernel(
+    dgn_ptr, dh_ptr, w_ptr, r_ptr, s_ptr, dout_ptr, dc_ptr, act_ptr, c_prev_ptr, c_ptr, dgates_ptr, dc_prev_ptr,
     R, B, H,
-    stride_oa, stride_ob, stride_ga, stride_gb,
-    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    stride_na, stride_nb, stride_oa, stride_ob, stride_ca, stride_cb, stride_ga, stride_gb,
+    RECURRENT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # dh = the loss's gradient at this step (read in place from the window's (K, B, T, H)
-    # gradient) + the next step's recurrent gradient; d gates go straight into their time
-    # step of the (K, B, T, 4H) gradient.
+    """One step back: dh = dout_t + (RECURRENT: ((dgates_{t+1} * r_k) @ W_hh) * s_k, else the
+    gradient of the window's last h), then the cell's gradient for this program's rows and
+    units: d gates into their time step of the (K, B, T, 4H) gradient, d c_prev to its buffer.
+    """
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = (rows < R)[:, None] & (cols < H)[None, :]
-    cell = rows[:, None] * H + cols[None, :]
-    gate = rows[:, None] * (4 * H) + cols[None, :]
+    units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_r = rows < R
+    mask_u = tl.max_constancy(units < H, [ALIGN])
+    mask = mask_r[:, None] & mask_u[None, :]
+    member = rows // B
+    cell = rows[:, None] * H + units[None, :]
+
+    if RECURRENT:
+        offs_n = tl.arange(0, BLOCK_N)
+        dg_ptrs = dgn_ptr + _row_offsets(rows, B, stride_na, stride_nb, ALIGN) + offs_n[None, :]
+        r_ptrs = r_ptr + tl.multiple_of(member[:, None] * (4 * H), [ALIGN, ALIGN]) + offs_n[None, :]
+        w_ptrs = w_ptr + tl.multiple_of(offs_n[:, None] * H, [ALIGN, ALIGN]) + units[None, :]
+        acc = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+        for n0 in range(0, 4 * H, BLOCK_N):
+            mask_n = tl.max_constancy(offs_n < 4 * H - n0, [ALIGN])
+            mask_rn = mask_r[:, None] & mask_n[None, :]
+            dg = tl.load(dg_ptrs, mask=mask_rn, other=0.0)
+            r = tl.load(r_ptrs, mask=mask_rn, other=0.0)
+            dgr = (dg.to(tl.float32) * r.to(tl.float32)).to(w_ptr.dtype.element_ty)
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_u[None, :], other=0.0)
+            acc = _mma(dgr, w, acc, DOT_PRECISION, UPCAST)
+            dg_ptrs += BLOCK_N
+            r_ptrs += BLOCK_N
+            w_ptrs += BLOCK_N * H
+        s = tl.load(s_ptr + member[:, None] * H + units[None, :], mask=mask, other=0.0)
+        dh = acc * s.to(tl.float32)
+    else:
+        dh = tl.load(dh_ptr + cell, mask=mask).to(tl.float32)
+
+    dh += tl.load(dout_ptr + _row_offsets(rows, B, stride_oa, stride_ob, 1) + units[None, :], mask=mask).to(tl.float32)
+    gate = rows[:, None] * (4 * H) + units[None, :]
     i = tl.load(act_ptr + gate, mask=mask)
     f = tl.load(act_ptr + gate + H, mask=mask)
     g = tl.load(act_ptr + gate + 2 * H, mask=mask)
     o = tl.load(act_ptr + gate + 3 * H, mask=mask)
     tanh_c = _tanh(tl.load(c_ptr + cell, mask=mask))
-    dout = tl.load(dout_ptr + _row_offsets(rows, B, stride_oa, stride_ob)[:, None] + cols[None, :], mask=mask)
-    dh = dout.to(tl.float32) + tl.load(dh_ptr + cell, mask=mask).to(tl.float32)
     dc = tl.load(dc_ptr + cell, mask=mask) + dh * o * (1.0 - tanh_c * tanh_c)
-    c_prev = tl.load(c_prev_ptr + cell, mask=mask)
+    c_prev = tl.load(c_prev_ptr + _row_offsets(rows, B, stride_ca, stride_cb, 1) + units[None, :], mask=mask)
     out_ty = dgates_ptr.dtype.element_ty
-    dgates = dgates_ptr + _row_offsets(rows, B, stride_ga, stride_gb)[:, None] + cols[None, :]
+    dgates = dgates_ptr + _row_offsets(rows, B, stride_ga, stride_gb, ALIGN) + units[None, :]
     tl.store(dgates, (dc * g * i * (1.0 - i)).to(out_ty), mask=mask)
     tl.store(dgates + H, (dc * c_prev * f * (1.0 - f)).to(out_ty), mask=mask)
     tl.store(dgates + 2 * H, (dc * i * (1.0 - g * g)).to(out_ty), mask=mask)
@@ -172,31 +241,44 @@ def _grid(meta, rows: int, hidden: int):
 
 
 class _TritonSteps:
-    """One time step each way, two launches each: the recurrent product, then the cell
-    (forward); the cell's gradient, then the recurrent product's input gradient (backward)."""
+    """One launch per time step each way; the gradient of h0 takes one more (rank1's dx kernel)."""
 
     @staticmethod
     def forward(x_gates, h, c_prev, weight, r, s, h_out, c_out, act_out) -> None:
-        h_gates = rank1._forward(h, weight, r, s, None, shared=False)
         members, batch, hidden = c_prev.shape
         rows = members * batch
         act = act_out if act_out is not None else c_out  # any valid pointer; SAVE=False never writes it
-        _lstm_cell_fwd_kernel[lambda meta: _grid(meta, rows, hidden)](
-            x_gates, h_gates, c_prev, h_out, c_out, act, rows, batch, hidden,
-            x_gates.stride(0), x_gates.stride(1), h_gates.stride(0), h_gates.stride(1), c_prev.stride(0), c_prev.stride(1),
-            h_out.stride(0), h_out.stride(1), SAVE=act_out is not None,
+        _lstm_step_fwd_kernel[lambda meta: _grid(meta, rows, hidden)](
+            x_gates, h, c_prev, weight, r, s, h_out, c_out, act, rows, batch, hidden,
+            x_gates.stride(0), x_gates.stride(1), h.stride(0), h.stride(1), c_prev.stride(0), c_prev.stride(1),
+            h_out.stride(0), h_out.stride(1),
+            SAVE=act_out is not None,
+            ALIGN=rank1._alignment(hidden, *x_gates.stride()[:2], *h.stride()[:2], *h_out.stride()[:2]),
+            **rank1._dot_args(x_gates.dtype),
         )
 
     @staticmethod
-    def backward(dout, dh, dc, act, c_prev, c, weight, r, s, dgates_out) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward(dout, dh_last, dgates_next, dc, act, c_prev, c, weight, r, s, dgates_out) -> torch.Tensor:
         members, batch, hidden = c.shape
         rows = members * batch
         dc_prev = rank1.output_buffer(c.shape, torch.float32, c.device)
-        _lstm_cell_bwd_kernel[lambda meta: _grid(meta, rows, hidden)](
-            dout, dh.contiguous(), dc.contiguous(), act, c_prev, c, dgates_out, dc_prev, rows, batch, hidden,
-            dout.stride(0), dout.stride(1), dgates_out.stride(0), dgates_out.stride(1),
+        recurrent = dgates_next is not None
+        # Any valid pointer stands in for the operand the branch does not read.
+        dgn = dgates_next if recurrent else dgates_out
+        dh = dc if recurrent else dh_last.contiguous()
+        _lstm_step_bwd_kernel[lambda meta: _grid(meta, rows, hidden)](
+            dgn, dh, weight, r, s, dout, dc, act, c_prev, c, dgates_out, dc_prev, rows, batch, hidden,
+            dgn.stride(0), dgn.stride(1), dout.stride(0), dout.stride(1), c_prev.stride(0), c_prev.stride(1),
+            dgates_out.stride(0), dgates_out.stride(1),
+            RECURRENT=recurrent,
+            ALIGN=rank1._alignment(hidden, *dgn.stride()[:2], *dgates_out.stride()[:2]),
+            **rank1._dot_args(dout.dtype),
         )
-        return rank1._backward_dx(dgates_out, weight, r, s, shared=False), dc_prev
+        return dc_prev
+
+    @staticmethod
+    def recurrent_grad(dgates, weight, r, s) -> torch.Tensor:
+        return rank1._backward_dx(dgates, weight, r, s, shared=False)
 
     @staticmethod
     def param_grads(h_prev, dgates, weight, r, s):
@@ -214,9 +296,14 @@ class _EagerSteps:
         _cell_eager(gates, c_prev, h_out, c_out, act_out if act_out is not None else torch.empty_like(gates))
 
     @staticmethod
-    def backward(dout, dh, dc, act, c_prev, c, weight, r, s, dgates_out) -> tuple[torch.Tensor, torch.Tensor]:
-        dc_prev = _cell_backward_eager(act, c_prev, c, dout + dh, dc, dgates_out)
-        return torch.matmul(dgates_out * r.unsqueeze(-2), weight) * s.unsqueeze(-2), dc_prev
+    def backward(dout, dh_last, dgates_next, dc, act, c_prev, c, weight, r, s, dgates_out) -> torch.Tensor:
+        dh = dh_last if dgates_next is None else _EagerSteps.recurrent_grad(dgates_next, weight, r, s)
+        return _cell_backward_eager(act, c_prev, c, dout + dh, dc, dgates_out)
+
+    @staticmethod
+    def recurrent_grad(dgates, weight, r, s) -> torch.Tensor:
+        """d h_{t-1} from step t's d gates: ((dgates * r_k) @ W) * s_k."""
+        return torch.matmul(dgates * r.unsqueeze(-2), weight) * s.unsqueeze(-2)
 
     @staticmethod
     def param_grads(h_prev, dgates, weight, r, s):
@@ -275,13 +362,16 @@ class Rank1LSTMFunction(torch.autograd.Function):
         cells, acts = per_step[:length + 1], per_step[length + 1:]
         steps = ctx.steps
         dgates = rank1.output_buffer((*out.shape[:3], acts[0].shape[-1]), out.dtype, out.device)
-        dc = dc.to(cells[0].dtype)
+        dc = dc.to(cells[0].dtype).contiguous()
         # The loss's gradient may arrive in any layout (the parallel schedule regroups rows);
         # one copy makes every step's slice a cheap strided read.
         dout = dout.contiguous()
         for t in reversed(range(length)):
-            dh, dc = steps.backward(dout[:, :, t], dh, dc, acts[t], cells[t], cells[t + 1], weight, r, s,
-                                    dgates[:, :, t])
+            # d h_t comes from step t + 1's d gates, or at the last step from the caller.
+            dgates_next = dgates[:, :, t + 1] if t + 1 < length else None
+            dc = steps.backward(dout[:, :, t], dh, dgates_next, dc, acts[t], cells[t], cells[t + 1], weight, r, s,
+                                dgates[:, :, t])
+        dh = steps.recurrent_grad(dgates[:, :, 0], weight, r, s)
         dw = dr = ds = None
         if any(ctx.needs_input_grad[1:4]):
             h_prev = torch.cat([h0.unsqueeze(2), out[:, :, :-1]], dim=2)
@@ -352,6 +442,8 @@ def rank1_lstm(x_gates: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: 
             raise ValueError("rank1_lstm: impl='triton' takes float32, bfloat16 or float16; float64 runs with impl='eager'")
     # Activations are kept for a backward only when one can follow.
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_gates, weight, r, s, h0, c0))
-    # The kernels read rows through their (K, B) strides but need unit stride along the gates.
-    x_gates = x_gates if x_gates.stride(-1) == 1 else x_gates.contiguous()
+    # The kernels read rows of x_gates, h0 and c0 through their (K, B) strides but need unit
+    # stride along the last dim; weight, r and s they index as contiguous.
+    x_gates, h0, c0 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x_gates, h0, c0))
+    weight, r, s = (t.contiguous() for t in (weight, r, s))
     return Rank1LSTMFunction.apply(x_gates, weight, r, s, h0, c0, impl, save)

@@ -112,8 +112,9 @@ DW_CONFIGS = [
 INTERPRETER_CONFIG = _config(64, 64, 64, 4, 1)
 
 
-def active_configs(gpu_configs: list[triton.Config]) -> list[triton.Config]:
-    return [INTERPRETER_CONFIG] if interpreting() else gpu_configs
+def active_configs(gpu_configs: list[triton.Config],
+                   interpreter_config: triton.Config = INTERPRETER_CONFIG) -> list[triton.Config]:
+    return [interpreter_config] if interpreting() else gpu_configs
 
 
 _KEY = ["M", "N", "D"]

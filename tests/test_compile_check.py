@@ -1,4 +1,4 @@
-"""Every kernel (rank-1 linear, LSTM cell) and autotune config compiles for the H100 (sm_90) and A100 (sm_80).
+"""Every kernel (rank-1 linear, LSTM step) and autotune config compiles for the H100 (sm_90) and A100 (sm_80).
 
 The CPU interpreter runs kernels the GPU compiler would reject, so the interpreted tests
 alone cannot show that the kernels build on a GPU. `kernels.compile_check` compiles them
@@ -31,11 +31,11 @@ def test_every_kernel_and_config_compiles_for_sm90_and_sm80(tmp_path):
     results = json.loads(report.read_text())
 
     n_configs = (len(rank1.FORWARD_CONFIGS) + len(rank1.DX_CONFIGS) + len(rank1.DW_CONFIGS)
-                 + 2 * len(lstm.CELL_CONFIGS))
+                 + len(lstm.STEP_FWD_CONFIGS) + len(lstm.STEP_BWD_CONFIGS))
     # Every config x (fp32, bf16) x (sm_90, sm_80), plus the first config of each of the five
     # kernels with sizes that are multiples of 4 only (bf16, both archs).
     assert len(results) == n_configs * 2 * 2 + 5 * 2
-    assert {r["kernel"] for r in results} == MATMUL_KERNELS | {"cell_fwd", "cell_bwd"}
+    assert {r["kernel"] for r in results} == MATMUL_KERNELS
     assert all(r["ok"] for r in results)
     # Every matmul main loop is software-pipelined (cp.async copies), also when the sizes are
     # not multiples of 16 (the LSTM's d_in = 500), thanks to the kernels' ALIGN hints.

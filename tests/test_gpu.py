@@ -46,7 +46,9 @@ RANK1_KERNELS = {
     rank1._rank1_dx_kernel: rank1.DX_CONFIGS,
     rank1._rank1_dw_kernel: rank1.DW_CONFIGS,
 }
-CELL_KERNELS = (lstm_kernels._lstm_cell_fwd_kernel, lstm_kernels._lstm_cell_bwd_kernel)
+# The LSTM step kernels' configs, in pairs: every config of each kernel runs in some pair.
+STEP_CONFIG_PAIRS = list(zip(lstm_kernels.STEP_FWD_CONFIGS, lstm_kernels.STEP_BWD_CONFIGS))
+assert len(lstm_kernels.STEP_FWD_CONFIGS) == len(lstm_kernels.STEP_BWD_CONFIGS)
 
 
 # Test dtypes: float32 runs with TF32 dots (the training default, train.tf32) or IEEE ones.
@@ -132,11 +134,12 @@ def test_rank1_autotuned_on_realistic_shapes(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("config", lstm_kernels.CELL_CONFIGS, ids=lambda c: f"{c.kwargs['BLOCK_R']}x{c.kwargs['BLOCK_H']}")
-def test_rank1_lstm_every_cell_config(config, dtype, monkeypatch):
-    # The whole recurrence (rank-1 products, cell kernels, the weight gradients after the loop)
-    # with each cell config, on the paper's hidden size and a batch that is no tile multiple.
-    for kernel in CELL_KERNELS:
+@pytest.mark.parametrize("configs", STEP_CONFIG_PAIRS, ids=lambda pair: "-".join(
+    f"{c.kwargs['BLOCK_R']}x{c.kwargs['BLOCK_H']}" for c in pair))
+def test_rank1_lstm_every_step_config(configs, dtype, monkeypatch):
+    # The whole recurrence (step kernels, the weight gradients after the loop) with each step
+    # config, on the paper's hidden size and a batch that is no tile multiple.
+    for kernel, config in zip((lstm_kernels._lstm_step_fwd_kernel, lstm_kernels._lstm_step_bwd_kernel), configs):
         monkeypatch.setattr(kernel, "configs", [config])
     set_dtype("fp32" if dtype == torch.float32 else "bf16")
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)

@@ -91,8 +91,18 @@ def test_eager_matches_float64_reference(dtype, poisoned_outputs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_matches_float64_reference(dtype, poisoned_outputs):
     check_against_reference("triton", dtype, torch.Generator().manual_seed(zlib.crc32(str(dtype).encode())))
-    # each step's cell (forward), dc_prev (backward) and d h (dx kernel)
-    assert poisoned_outputs.count((K, B, H)) == 3 * T
+    # One launch per step each way: each step's cell and activations (forward), each step's
+    # d c_prev (backward), then d h0 (rank-1 dx kernel); no per-step recurrent products.
+    assert poisoned_outputs.count((K, B, H)) == 2 * T + 1
+    assert poisoned_outputs.count((K, B, 4 * H)) == T
+
+
+@pytest.mark.interpreter
+def test_triton_over_several_tiles_matches_float64_reference():
+    # More rows, units and reduction chunks than one interpreter tile holds (64 each way), so
+    # every loop and edge mask of the step kernels runs; the row tiles straddle members.
+    check_against_reference("triton", torch.float32, torch.Generator().manual_seed(9),
+                            members=3, batch=27, steps=3, hidden=70)
 
 
 @pytest.mark.parametrize("impl", ["eager", pytest.param("triton", marks=pytest.mark.interpreter)])
@@ -100,11 +110,34 @@ def test_without_grad_no_activations_are_kept(impl, poisoned_outputs):
     _, args = make_inputs(torch.float32, torch.Generator().manual_seed(2))
     with torch.no_grad():
         out, h, c = kernels.rank1_lstm(*args, impl=impl)
-    # No activations kept: (K, B, 4H) buffers are only the Triton recurrent products, one per step.
-    assert poisoned_outputs.count((K, B, 4 * H)) == (0 if impl == "eager" else T)
+    assert poisoned_outputs.count((K, B, 4 * H)) == 0  # no activations kept
     assert poisoned_outputs.count((K, B, H)) == T  # each step's cell
     expected = reference(*(t.double() for t in args))
     assert max(relative_error(got, want) for got, want in zip((out, h, c), expected)) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("impl", ["eager", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_state_is_read_through_strides_as_the_parallel_schedule_passes_it(impl):
+    # The LSTM model regroups its (layers, B, H) state by member, so h0 and c0 arrive as
+    # strided views (member stride H, stream stride K x H); values and gradients must not
+    # depend on the layout.
+    generator = torch.Generator().manual_seed(8)
+    _, (x_gates, weight, r, s, _, _) = make_inputs(torch.float32, generator)
+    states = [torch.randn(2, B * K, H, generator=generator).requires_grad_() for _ in range(2)]
+    by_member = lambda t: t.unflatten(1, (-1, K)).movedim(2, 0)[:, 1]  # layer 1 as (K, B, H)
+    h0, c0 = (by_member(t) for t in states)
+    assert h0.stride() == (H, K * H, 1)
+    got = kernels.rank1_lstm(x_gates, weight, r, s, h0, c0, impl=impl)
+    states64 = [t.detach().double().requires_grad_() for t in states]
+    expected = reference(*(t.detach().double() for t in (x_gates, weight, r, s)), *(by_member(t) for t in states64))
+    for name, a, b in zip(("out", "h", "c"), got, expected):
+        assert relative_error(a, b) < TOLERANCE[torch.float32], name
+    seeds = [torch.randn(e.shape, generator=generator, dtype=torch.float64) for e in expected]
+    grads = torch.autograd.grad(sum((a.double() * w).sum() for a, w in zip(got, seeds)), states)
+    expected_grads = torch.autograd.grad(sum((e * w).sum() for e, w in zip(expected, seeds)), states64)
+    for name, a, b in zip(("h0", "c0"), grads, expected_grads):
+        assert b[1].abs().max() > 0 and b[0].abs().max() == 0  # only layer 1 is read
+        assert relative_error(a, b) < TOLERANCE[torch.float32], name
 
 
 def test_windows_chain_through_the_returned_state():

@@ -2,7 +2,7 @@
 # The GPU checks and benchmarks behind docs/benchmarks/{rank1,training}.md, in stages:
 #   bash docs/benchmarks/run_gpu.sh STAGE [STAGE ...]
 #   env    device, driver and package versions
-#   lstm   the LSTM tests of tests/test_gpu.py only (kernels.rank1_lstm with every cell config,
+#   lstm   the LSTM tests of tests/test_gpu.py only (kernels.rank1_lstm with every step-kernel config,
 #          the fused all-members path): the code no GPU has run yet, first
 #   check  tests/test_gpu.py: compiled kernels and CUDA training against float64 references
 #          (10 to 28 s per test on an H100 with a cold Triton cache, mostly compiling)
