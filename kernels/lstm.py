@@ -16,7 +16,9 @@ An autograd graph per step would instead compute them T times and add ~20 nodes 
 Two implementations of the same steps: "triton" (CUDA, or the CPU interpreter in tests) runs
 one kernel per step each way, the recurrent product with the cell update (or its gradient)
 in the epilogue, so the gates never go through memory and a window of T steps costs 2T + 1
-launches; "eager" runs PyTorch ops (the CPU path and the float64 reference). Layout as in
+launches; "eager" runs PyTorch ops (the CPU path and the float64 reference). On CUDA those
+launches are replayed from CUDA graphs, one per set of shapes (`_WindowGraph`), since each is
+too small for its host-side cost. Layout as in
 kernels/rank1.py: eager reference, Triton kernels, the autograd Function and the dispatcher
 side by side; `python -m kernels.compile_check` compiles the step kernels for sm_90 and sm_80.
 
@@ -24,6 +26,9 @@ Rows are (A, B) pairs of the leading dims, so a time step sliced out of a (K, B,
 tensor, or a state regrouped by member, is read in place through its two row strides.
 """
 from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
 
 import torch
 import triton
@@ -320,64 +325,197 @@ class _EagerSteps:
 _STEPS = {"triton": _TritonSteps, "eager": _EagerSteps}
 
 
-class Rank1LSTMFunction(torch.autograd.Function):
-    """The window's recurrence forward, and backpropagation through time by hand.
+# --------------------------------------------------------------------------------------
+# A window forward and backward, as plain functions of tensors (the autograd Function and
+# the CUDA graphs below both run them).
+# --------------------------------------------------------------------------------------
+def _forward_window(steps, save: bool, x_gates, weight, r, s, h0, c0) -> list[torch.Tensor]:
+    """[out, c_T] without `save`; [out, c_0 .. c_T, act_0 .. act_{T-1}] with it.
 
-    Each step writes its h straight into the window's output (and, backward, its d gates into
-    the window's gradient), so nothing is stacked afterwards. Cells and gate activations are
-    kept per step: on CPU, buffers under glibc's mmap threshold (32 MB) come back from the
-    heap already mapped, while a fresh whole-window buffer page-faults on every write (on the
-    paper LSTM, 120 ms of a 700 ms forward + backward). The weight gradients are computed
-    once, after the backward loop, from all steps.
+    Each step writes its h straight into the window's output, so nothing is stacked
+    afterwards. Cells and gate activations are kept per step: on CPU, buffers under glibc's
+    mmap threshold (32 MB) come back from the heap already mapped, while a fresh whole-window
+    buffer page-faults on every write (on the paper LSTM, 120 ms of a 700 ms forward + backward).
+    """
+    members, batch, length, gates = x_gates.shape
+    alloc = lambda shape, dtype: rank1.output_buffer(shape, dtype, x_gates.device)
+    out = alloc((members, batch, length, gates // 4), x_gates.dtype)
+    h, cells, acts = h0, [c0], []
+    for t in range(length):
+        c = alloc(c0.shape, c0.dtype)
+        act = alloc((members, batch, gates), c0.dtype) if save else None
+        steps.forward(x_gates[:, :, t], h, cells[-1], weight, r, s, out[:, :, t], c, act)
+        h = out[:, :, t]
+        if save:
+            cells.append(c)
+            acts.append(act)
+        else:  # without a backward to feed, only the latest cell is kept
+            cells = [c]
+    return [out, *cells, *acts]
+
+
+def _backward_window(steps, param_grads: bool, weight, r, s, h0, out, *per_step_and_grads):
+    """[d x_gates, dW, dr, ds, d h0, d c0] (the weight gradients None without `param_grads`)
+    from the saved window and the gradients of (out, h_T, c_T)."""
+    length = out.shape[2]
+    cells, acts = per_step_and_grads[:length + 1], per_step_and_grads[length + 1:2 * length + 1]
+    dout, dh, dc = per_step_and_grads[2 * length + 1:]
+    dgates = rank1.output_buffer((*out.shape[:3], acts[0].shape[-1]), out.dtype, out.device)
+    dc = dc.to(cells[0].dtype).contiguous()
+    # The loss's gradient may arrive in any layout (the parallel schedule regroups rows);
+    # one copy makes every step's slice a cheap strided read.
+    dout = dout.contiguous()
+    for t in reversed(range(length)):
+        # d h_t comes from step t + 1's d gates, or at the last step from the caller.
+        dgates_next = dgates[:, :, t + 1] if t + 1 < length else None
+        dc = steps.backward(dout[:, :, t], dh, dgates_next, dc, acts[t], cells[t], cells[t + 1], weight, r, s,
+                            dgates[:, :, t])
+    dh = steps.recurrent_grad(dgates[:, :, 0], weight, r, s)
+    dw = dr = ds = None
+    if param_grads:
+        h_prev = torch.cat([h0.unsqueeze(2), out[:, :, :-1]], dim=2)
+        dw, dr, ds = steps.param_grads(h_prev.flatten(1, 2), dgates.flatten(1, 2), weight, r, s)
+        dw, dr, ds = dw.to(weight.dtype), dr.to(r.dtype), ds.to(s.dtype)
+    return [dgates, dw, dr, ds, dh, dc]
+
+
+# --------------------------------------------------------------------------------------
+# CUDA graphs of whole windows.
+# --------------------------------------------------------------------------------------
+def _capture(run: Callable[[], list]) -> tuple[Callable[[], None], list]:
+    """Record `run` (which reads fixed input buffers) as a CUDA graph: (replay, its outputs).
+    The tests swap in an emulation, since capturing needs a GPU."""
+    graph = torch.cuda.CUDAGraph()
+    # A backward captures from autograd's worker thread, while other threads (data loading,
+    # DDP's communication) may call CUDA: only this thread's capture-unsafe calls are errors.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        outputs = run()
+    return graph.replay, outputs
+
+
+class _WindowGraph:
+    """One window's forward and backward loops as CUDA graphs, for one set of shapes.
+
+    On a GPU a window's 2T + 1 small launches cost more on the host (the Python launcher and
+    the autotuner's dispatch, each call) than on the device; a graph replays them all in one
+    host call. A graph reads and writes fixed buffers: inputs are copied in, outputs cloned
+    out, and the activations a backward needs stay in the graph's buffers, so a graph holds
+    one window at a time, from a forward that saves until its backward, or until the autograd
+    graph holding it is freed (`holder` is a weak reference to a token the autograd context
+    keeps). Each loop runs once outside a capture first, on the same buffers, so that every
+    kernel compiles and autotunes (which times it) before any capture.
     """
 
-    @staticmethod
-    def forward(ctx, x_gates, weight, r, s, h0, c0, impl: str, save: bool):
-        steps = _STEPS[impl]
-        members, batch, length, gates = x_gates.shape
-        hidden = gates // 4
-        alloc = lambda shape, dtype: rank1.output_buffer(shape, dtype, x_gates.device)
-        out = alloc((members, batch, length, hidden), x_gates.dtype)
-        h, cells, acts = h0, [c0], []
-        for t in range(length):
-            c = alloc(c0.shape, c0.dtype)
-            act = alloc((members, batch, gates), c0.dtype) if save else None
-            steps.forward(x_gates[:, :, t], h, cells[-1], weight, r, s, out[:, :, t], c, act)
-            h = out[:, :, t]
-            if save:
-                cells.append(c)
-                acts.append(act)
-            else:  # without a backward to feed, only the latest cell is kept
-                cells = [c]
+    def __init__(self, inputs: list[torch.Tensor]) -> None:
+        self.inputs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs]
+        self.holder: Callable[[], object] = lambda: None
+        self.saved: list[torch.Tensor] = []
+        self.forward_warm = False
+        self.forward_graph: tuple | None = None  # (replay, outputs)
+        self.backward_warm: set[bool] = set()
+        self.backward_graphs: dict[bool, tuple] = {}  # param_grads -> (replay, grad inputs, outputs)
+
+    def busy(self) -> bool:
+        return self.holder() is not None
+
+    def forward(self, steps, save: bool, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], object]:
+        """This window's [out, cells..., acts...] (in the graph's buffers), and a token that holds them."""
+        for static, t in zip(self.inputs, inputs):
+            static.copy_(t)
+        if not self.forward_warm:
+            self.forward_warm = True
+            outputs = _forward_window(steps, save, *self.inputs)
+        else:
+            if self.forward_graph is None:
+                self.forward_graph = _capture(lambda: _forward_window(steps, save, *self.inputs))
+            replay, outputs = self.forward_graph
+            replay()
+        token = torch.empty(0)
         if save:
-            ctx.save_for_backward(weight, r, s, h0, out, *cells, *acts)
-            ctx.steps = steps
-        return out, h.clone(), c.clone()
+            self.saved = outputs
+            self.holder = weakref.ref(token)
+        return outputs, token
+
+    def backward(self, steps, token: object, param_grads: bool, grads: list[torch.Tensor]) -> list:
+        """The gradients of the window this graph holds for `token`."""
+        if self.holder() is not token:
+            raise RuntimeError("rank1_lstm: a CUDA-graphed window's activations were overwritten before its "
+                               "backward; please report this bug")
+        saved = [*self.inputs[1:5], *self.saved]  # weight, r, s, h0, out, cells, acts
+        captured = self.forward_graph is not None and self.saved is self.forward_graph[1]
+        if not captured or param_grads not in self.backward_warm:
+            self.backward_warm.add(param_grads)
+            result = _backward_window(steps, param_grads, *saved, *grads)
+        else:
+            if param_grads not in self.backward_graphs:
+                static_grads = [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads]
+                replay, outputs = _capture(lambda: _backward_window(steps, param_grads, *saved, *static_grads))
+                self.backward_graphs[param_grads] = replay, static_grads, outputs
+            replay, static_grads, outputs = self.backward_graphs[param_grads]
+            for static, g in zip(static_grads, grads):
+                static.copy_(g)
+            replay()
+            result = [None if g is None else g.clone() for g in outputs]
+        self.holder, self.saved = (lambda: None), []
+        return result
+
+
+# Graphs of one set of shapes that may hold windows at once (an LSTM's layers of equal sizes
+# all wait for their backward together); a window finding them all busy runs without one.
+GRAPHS_PER_SHAPE = 8
+
+
+class _WindowGraphs:
+    """Every set of shapes' graphs."""
+
+    def __init__(self) -> None:
+        self.by_shape: dict[tuple, list[_WindowGraph]] = {}
+
+    def acquire(self, impl: str, save: bool, inputs: list[torch.Tensor]) -> _WindowGraph | None:
+        # float32 dots follow torch's TF32 setting when a graph is captured (rank1._dot_args).
+        key = (impl, save, torch.backends.cuda.matmul.allow_tf32, *((t.shape, t.dtype, t.device) for t in inputs))
+        graphs = self.by_shape.setdefault(key, [])
+        free = next((g for g in graphs if not g.busy()), None)
+        if free is None and len(graphs) < GRAPHS_PER_SHAPE:
+            free = _WindowGraph(inputs)
+            graphs.append(free)
+        return free
+
+
+_GRAPHS = _WindowGraphs()
+
+
+class Rank1LSTMFunction(torch.autograd.Function):
+    """The window's recurrence forward, and backpropagation through time by hand, each run
+    directly or (`graphed`) through a `_WindowGraph`. The weight gradients are computed once,
+    after the backward loop, from all steps."""
+
+    @staticmethod
+    def forward(ctx, x_gates, weight, r, s, h0, c0, impl: str, save: bool, graphed: bool):
+        steps = _STEPS[impl]
+        inputs = [x_gates, weight, r, s, h0, c0]
+        graph = _GRAPHS.acquire(impl, save, inputs) if graphed else None
+        if graph is None:
+            outputs, token = _forward_window(steps, save, *inputs), None
+        else:
+            outputs, token = graph.forward(steps, save, inputs)
+        out, c = outputs[0], outputs[1 + x_gates.shape[2] if save else 1]
+        if save:
+            ctx.steps, ctx.graph, ctx.token = steps, graph, token
+            if graph is None:
+                ctx.save_for_backward(weight, r, s, h0, *outputs)
+        # A graph's buffers are rewritten by its next window: the caller gets copies.
+        return out if graph is None else out.clone(), out[:, :, -1].clone(), c.clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dh, dc):
-        weight, r, s, h0, out, *per_step = ctx.saved_tensors
-        length = out.shape[2]
-        cells, acts = per_step[:length + 1], per_step[length + 1:]
-        steps = ctx.steps
-        dgates = rank1.output_buffer((*out.shape[:3], acts[0].shape[-1]), out.dtype, out.device)
-        dc = dc.to(cells[0].dtype).contiguous()
-        # The loss's gradient may arrive in any layout (the parallel schedule regroups rows);
-        # one copy makes every step's slice a cheap strided read.
-        dout = dout.contiguous()
-        for t in reversed(range(length)):
-            # d h_t comes from step t + 1's d gates, or at the last step from the caller.
-            dgates_next = dgates[:, :, t + 1] if t + 1 < length else None
-            dc = steps.backward(dout[:, :, t], dh, dgates_next, dc, acts[t], cells[t], cells[t + 1], weight, r, s,
-                                dgates[:, :, t])
-        dh = steps.recurrent_grad(dgates[:, :, 0], weight, r, s)
-        dw = dr = ds = None
-        if any(ctx.needs_input_grad[1:4]):
-            h_prev = torch.cat([h0.unsqueeze(2), out[:, :, :-1]], dim=2)
-            dw, dr, ds = steps.param_grads(h_prev.flatten(1, 2), dgates.flatten(1, 2), weight, r, s)
-            dw, dr, ds = dw.to(weight.dtype), dr.to(r.dtype), ds.to(s.dtype)
-        return dgates, dw, dr, ds, dh, dc, None, None
+        param_grads = any(ctx.needs_input_grad[1:4])
+        if ctx.graph is None:
+            grads = _backward_window(ctx.steps, param_grads, *ctx.saved_tensors, dout, dh, dc)
+        else:
+            grads = ctx.graph.backward(ctx.steps, ctx.token, param_grads, [dout, dh, dc])
+        return (*grads, None, None, None)
 
 
 # --------------------------------------------------------------------------------------
@@ -410,8 +548,8 @@ def _validate(x_gates, weight, r, s, h0, c0) -> None:
 
 
 def rank1_lstm(x_gates: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: torch.Tensor,
-               h0: torch.Tensor, c0: torch.Tensor, *,
-               impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               h0: torch.Tensor, c0: torch.Tensor, *, impl: str = "auto",
+               cuda_graphs: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One LSTM layer over a window for all K members: member k's recurrent matrix is weight * (r_k s_kᵀ).
 
     x_gates: (K, B, T, 4H), the input projections with both biases added (nn.LSTM's i, f, g, o
@@ -421,6 +559,8 @@ def rank1_lstm(x_gates: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: 
     impl: "triton" (kernels), "eager" (PyTorch ops), "auto" (triton on CUDA tensors or under
     TRITON_INTERPRET=1, eager otherwise). float64 runs with "eager" only. Under autocast every
     input but c0 is cast to the autocast dtype first.
+    cuda_graphs: with impl "triton" on CUDA, replay each window's launches from a CUDA graph per
+    set of shapes (captured at the second window of those shapes; see `_WindowGraph`).
     """
     if impl not in IMPLS:
         raise ValueError(f"rank1_lstm: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
@@ -428,7 +568,7 @@ def rank1_lstm(x_gates: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: 
         dtype = torch.get_autocast_dtype(x_gates.device.type)
         cast = [t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (x_gates, weight, r, s, h0)]
         with torch.autocast(x_gates.device.type, enabled=False):
-            return rank1_lstm(*cast, c0, impl=impl)
+            return rank1_lstm(*cast, c0, impl=impl, cuda_graphs=cuda_graphs)
     if isinstance(c0, torch.Tensor) and isinstance(x_gates, torch.Tensor) and c0.is_floating_point():
         # The cell runs in float32 (float64 for float64 gates) whatever the gates' dtype.
         c0 = c0.to(torch.promote_types(x_gates.dtype, torch.float32))
@@ -446,4 +586,5 @@ def rank1_lstm(x_gates: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: 
     # stride along the last dim; weight, r and s they index as contiguous.
     x_gates, h0, c0 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x_gates, h0, c0))
     weight, r, s = (t.contiguous() for t in (weight, r, s))
-    return Rank1LSTMFunction.apply(x_gates, weight, r, s, h0, c0, impl, save)
+    graphed = cuda_graphs and impl == "triton" and x_gates.is_cuda
+    return Rank1LSTMFunction.apply(x_gates, weight, r, s, h0, c0, impl, save, graphed)

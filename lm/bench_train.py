@@ -114,7 +114,7 @@ class MinimalLoop:
         return int(self.byte_lengths[batch.targets.numpy()].sum())
 
 
-def variants(cfg: Config) -> dict[str, Config]:
+def variants(cfg: Config, device_type: str = "cpu") -> dict[str, Config]:
     """The configs to time with Trainer.train_step: plain, and the config's own mode/schedules.
 
     The parallel schedule needs batches of a multiple of K sequences: when the config's batch is
@@ -126,15 +126,19 @@ def variants(cfg: Config) -> dict[str, Config]:
     if lp.mode == "rank1":
         out["rank1"] = copy.deepcopy(cfg)
     elif lp.mode == "late_phase":
-        # The LSTM runs all members at once in two ways (model.lstm_members); time both.
+        # The LSTM runs all members at once in two ways (model.lstm_members); time both, and on
+        # CUDA fused also without its CUDA graphs.
         ways = ("fused", "folded") if cfg.model.family == "lstm" else (None,)
+        if cfg.model.family == "lstm" and device_type == "cuda":
+            ways += ("fused, no CUDA graphs",)
         for schedule, way in [("sequential", None)] + [("parallel", way) for way in ways]:
             late = copy.deepcopy(cfg)
             late.late_phase.schedule = schedule
             late.late_phase.T0 = 1  # members spawn during the warm-up: the late phase is what gets timed
             label = f"late_phase {schedule} (K={lp.K})"
             if way is not None:
-                late.model.lstm_members = way
+                late.model.lstm_members = way.split(",")[0]
+                late.model.lstm_cuda_graphs = "no CUDA graphs" not in way
                 label += f", {way}"
             multiple = lp.K * cfg.train.grad_accum
             if schedule == "parallel" and cfg.train.batch_size % multiple and cfg.train.batch_size > multiple:
@@ -158,7 +162,7 @@ def bench(cfg: Config, steps: int, warmup: int, repeats: int,
     notes = []
     steppers: dict[str, Callable[[], int]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
-        for i, (name, variant) in enumerate(variants(cfg).items()):
+        for i, (name, variant) in enumerate(variants(cfg, accelerator.device.type).items()):
             variant.run.out_dir = str(Path(tmp) / f"run{i}")
             try:
                 trainer = Trainer(variant, accelerator)

@@ -54,6 +54,8 @@ class ModelConfig:
     # (one nn.LSTM per member with its folded weights), auto (whichever measured faster: fused
     # for the CPU's parallel schedule from 500 hidden units, folded otherwise; lm/models/lstm.py).
     lstm_members: str = "auto"
+    # fused on CUDA: replay each window's kernel launches from a CUDA graph (kernels.rank1_lstm).
+    lstm_cuda_graphs: bool = True
     # Transformer
     d_model: int = 512
     n_layers: int = 8

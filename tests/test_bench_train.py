@@ -58,6 +58,11 @@ def test_variants_time_the_late_phase_itself(tmp_path):
         if name != "plain":
             assert variant.late_phase.T0 == 1 and variant.late_phase.schedule in name
     assert cfg.late_phase.mode == "late_phase" and cfg.train.batch_size == 10  # the input is not changed
+    # On CUDA the fused way is also timed without its CUDA graphs.
+    on_cuda = bench_train.variants(cfg, "cuda")
+    assert list(on_cuda)[-1] == "late_phase parallel (K=3), fused, no CUDA graphs, batch 9"
+    assert [(v.model.lstm_members, v.model.lstm_cuda_graphs) for v in on_cuda.values()][2:] == [
+        ("fused", True), ("folded", True), ("fused", False)]
 
 
 def test_minimal_loop_is_the_trainers_plain_step_written_by_hand(tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ from tests.test_rank1 import reference as rank1_reference
 from tests.test_rank1 import relative_error
 from tests.test_rank1_lstm import TOLERANCE as LSTM_TOLERANCE
 from tests.test_rank1_lstm import check_against_reference as check_lstm
+from tests.test_rank1_lstm import make_inputs as make_lstm_inputs
 from tests.test_train import fresh_accelerate_state  # noqa: F401 (autouse: Accelerate's state per test)
 
 pytestmark = pytest.mark.skipif(
@@ -146,6 +147,32 @@ def test_rank1_lstm_every_step_config(configs, dtype, monkeypatch):
     # IEEE float32 dots, or bf16 through every step
     check_lstm("triton", dtype, generator, device="cuda",
                tolerance=max(TOLERANCE[dtype], LSTM_TOLERANCE[dtype]), members=3, batch=37, steps=6, hidden=500)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rank1_lstm_cuda_graphs_replay_what_direct_launches_compute(dtype, monkeypatch):
+    # Four windows of fresh inputs through the graphs: the first runs outside any capture, the
+    # second captures the forward and backward loops, the last two replay them. Each against
+    # the same window launched directly (the weight-gradient atomics may add in another order).
+    captures = []
+    real_capture = lstm_kernels._capture
+    monkeypatch.setattr(lstm_kernels, "_capture", lambda run: captures.append(1) or real_capture(run))
+    monkeypatch.setattr(lstm_kernels, "_GRAPHS", lstm_kernels._WindowGraphs())
+    set_dtype("fp32" if dtype == torch.float32 else "bf16")
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    for _ in range(4):
+        _, args = make_lstm_inputs(dtype, generator, members=3, batch=37, steps=6, hidden=500)
+        args = [t.detach().cuda().requires_grad_() for t in args]
+        seeds = None
+        results = []
+        for cuda_graphs in (True, False):
+            outputs = kernels.rank1_lstm(*args, cuda_graphs=cuda_graphs)
+            seeds = seeds or [torch.randn(o.shape, device="cuda") for o in outputs]
+            grads = torch.autograd.grad(sum((o.float() * w).sum() for o, w in zip(outputs, seeds)), args)
+            results.append([o.detach() for o in outputs] + list(grads))
+        for got, want in zip(*results):
+            assert relative_error(got.double(), want.double()) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert len(captures) == 2
 
 
 def randomized_late_model(cfg: ModelConfig, members: int, seed: int) -> torch.nn.Module:

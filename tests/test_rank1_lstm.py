@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import kernels
+from kernels import lstm as lstm_kernels
 
 K, B, T, H = 3, 5, 4, 7
 # Largest error allowed, relative to the largest magnitude of the float64 reference. Worst
@@ -197,3 +198,113 @@ def test_bad_inputs_raise_value_error_naming_the_argument(index, bad, message):
         kernels.rank1_lstm(*args, impl="eager")
     with pytest.raises(ValueError, match="impl must be one of"):
         kernels.rank1_lstm(*make_inputs(torch.float32, torch.Generator().manual_seed(6))[1], impl="cuda")
+
+
+# --------------------------------------------------------------------------------------
+# CUDA graphs of whole windows (kernels.lstm._WindowGraph), with the capture emulated on the
+# CPU: the eager steps run through the same buffers and bookkeeping a GPU would replay.
+# --------------------------------------------------------------------------------------
+@pytest.fixture
+def emulated_graphs(monkeypatch):
+    """A fresh graph cache whose captures run on the CPU; returns the list of captures."""
+    captures = []
+
+    def capture(run):
+        outputs = run()  # a real capture records without running; this also fills the buffers once
+
+        def replay():  # what a graph does: rerun on the fixed inputs, into the fixed outputs
+            for static, fresh in zip(outputs, run()):
+                if static is not None:
+                    static.copy_(fresh)
+
+        captures.append(outputs)
+        return replay, outputs
+
+    monkeypatch.setattr(lstm_kernels, "_capture", capture)
+    monkeypatch.setattr(lstm_kernels, "_GRAPHS", lstm_kernels._WindowGraphs())
+    return captures
+
+
+def window(args, graphed, save=True):
+    return lstm_kernels.Rank1LSTMFunction.apply(*args, "eager", save, graphed)
+
+
+def forward_and_grads(args, graphed, seed):
+    """(out, h, c) of one window and the gradients of every input requiring one."""
+    outputs = window(args, graphed)
+    generator = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=generator)).sum() for o in outputs)
+    leaves = [t for t in args if t.requires_grad]
+    return [o.detach() for o in outputs], torch.autograd.grad(loss, leaves)
+
+
+def assert_same_window(got, want):
+    for a, b in zip(got[0] + list(got[1]), want[0] + list(want[1])):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def fresh_args(seed, param_grads=True):
+    _, args = make_inputs(torch.float32, torch.Generator().manual_seed(seed))
+    args = [t.detach().requires_grad_() for t in args]
+    if not param_grads:
+        for t in args[1:4]:
+            t.requires_grad_(False)
+    return args
+
+
+@pytest.mark.parametrize("param_grads", [True, False], ids=["param_grads", "input_grads_only"])
+def test_graphed_windows_match_direct_ones(emulated_graphs, param_grads):
+    # New inputs every window, so a graph replaying stale inputs fails. Window 1 runs both loops
+    # outside a capture (warm-up), window 2 captures them, windows 3 and 4 replay.
+    for seed in range(4):
+        args = fresh_args(10 + seed, param_grads)
+        assert_same_window(forward_and_grads(args, True, seed), forward_and_grads(args, False, seed))
+        assert len(emulated_graphs) == (0 if seed == 0 else 2)
+    assert len(lstm_kernels._GRAPHS.by_shape) == 1
+    (graphs,) = lstm_kernels._GRAPHS.by_shape.values()
+    assert len(graphs) == 1 and not graphs[0].busy()
+
+
+def test_windows_waiting_for_their_backward_each_keep_a_graph(emulated_graphs, monkeypatch):
+    # Two layers of equal sizes: both forwards run before either backward, for three steps;
+    # each layer's activations must survive the other's forward.
+    for step in range(3):
+        args = [fresh_args(20 + 2 * step + layer) for layer in range(2)]
+        outputs = [window(a, True) for a in args]
+        for layer in reversed(range(2)):
+            generator = torch.Generator().manual_seed(layer)
+            seeds = [torch.randn(o.shape, generator=generator) for o in outputs[layer]]
+            grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outputs[layer], seeds)), args[layer])
+            direct = window(args[layer], False)
+            want = torch.autograd.grad(sum((o * w).sum() for o, w in zip(direct, seeds)), args[layer])
+            assert_same_window(([o.detach() for o in outputs[layer]], grads), ([o.detach() for o in direct], want))
+    (graphs,) = lstm_kernels._GRAPHS.by_shape.values()
+    assert len(graphs) == 2
+    # With room for one graph only, the second waiting window runs without one, correctly.
+    monkeypatch.setattr(lstm_kernels, "GRAPHS_PER_SHAPE", 1)
+    monkeypatch.setattr(lstm_kernels, "_GRAPHS", lstm_kernels._WindowGraphs())
+    args = [fresh_args(30 + layer) for layer in range(2)]
+    outputs = [window(a, True) for a in args]
+    (graphs,) = lstm_kernels._GRAPHS.by_shape.values()
+    assert len(graphs) == 1 and graphs[0].busy()
+    for a, o in zip(args, outputs):
+        got = [t.detach() for t in o], torch.autograd.grad(sum(t.sum() for t in o), a)
+        direct = window(a, False)
+        assert_same_window(got, ([t.detach() for t in direct], torch.autograd.grad(sum(t.sum() for t in direct), a)))
+
+
+def test_a_window_dropped_before_its_backward_frees_its_graph(emulated_graphs):
+    args = fresh_args(40)
+    outputs = window(args, True)
+    (graphs,) = lstm_kernels._GRAPHS.by_shape.values()
+    assert graphs[0].busy()
+    del outputs  # the autograd graph, and with it the token, is freed
+    assert not graphs[0].busy()
+    for _ in range(3):  # forwards that save nothing (evaluation) never hold their graph
+        with torch.no_grad():
+            out = window([t.detach() for t in args], True, save=False)
+    no_save = [g for key, gs in lstm_kernels._GRAPHS.by_shape.items() if not key[1] for g in gs]
+    assert len(no_save) == 1 and not no_save[0].busy() and len(emulated_graphs) == 1
+    expected = reference(*(t.detach().double() for t in args))
+    for got, want in zip(out, expected):
+        assert relative_error(got, want) < TOLERANCE[torch.float32]

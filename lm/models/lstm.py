@@ -48,10 +48,11 @@ class LatePhaseLSTM(nn.Module):
     own bias slots are emptied because each member has its own biases (in the factors).
     """
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int, num: int):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int, num: int, cuda_graphs: bool = True):
         super().__init__()
         self.lstm = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True)
         self.num_layers = num_layers
+        self.cuda_graphs = cuda_graphs  # for the fused all-members recurrence on CUDA
         self.num = num  # stored members; 0 = plain
         if num == 0:
             self.factors = None
@@ -107,7 +108,8 @@ class LatePhaseLSTM(nn.Module):
             # Input projections of every step at once; both member biases ride in its epilogue.
             x_gates = ih.all_members(rows, getattr(self.lstm, f"weight_ih_l{layer}"), ih.bias + hh.bias)
             x, h, c = rank1_lstm(x_gates.view(K, batch, steps, 4 * H), getattr(self.lstm, f"weight_hh_l{layer}"),
-                                 hh.r, hh.s, state[0][:, layer], state[1][:, layer], impl=hh.kernel_impl)
+                                 hh.r, hh.s, state[0][:, layer], state[1][:, layer], impl=hh.kernel_impl,
+                                 cuda_graphs=self.cuda_graphs)
             h_last.append(h)
             c_last.append(c.to(h.dtype))
         return x, (torch.stack(h_last, dim=1), torch.stack(c_last, dim=1))
@@ -129,7 +131,7 @@ class LSTMLM(nn.Module):
         self.cfg = cfg
         self.num = num  # stored members; 0 = plain model
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
-        self.rnn = LatePhaseLSTM(cfg.embed_dim, cfg.hidden_size, cfg.num_layers, num)
+        self.rnn = LatePhaseLSTM(cfg.embed_dim, cfg.hidden_size, cfg.num_layers, num, cfg.lstm_cuda_graphs)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
 
     def forward(self, inputs: torch.Tensor, state=None, member: Member = 0):
