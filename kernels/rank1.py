@@ -28,6 +28,7 @@ from torch.autograd.function import once_differentiable
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IMPLS = ("auto", "triton", "eager")
+LINEAR_IMPLS = IMPLS + ("folded",)  # rank1_linear also takes the folded form by name
 
 
 def interpreting() -> bool:
@@ -540,12 +541,13 @@ def rank1_linear(
     members. weight: (d_out, d_in); r: (K, d_out); s: (K, d_in); bias: None, (d_out,) or
     (K, d_out). Returns (K, M, d_out) (or (K, *batch, d_out)) in the input dtype.
     impl: "triton" (fused kernels), "eager" (PyTorch ops: the reference, or the folded member
-    weights where `folding_pays`), "auto" (triton on CUDA tensors or under TRITON_INTERPRET=1,
-    eager otherwise). float64 runs with "eager" only. Under autocast all inputs are cast to the
+    weights where `folding_pays`), "folded" (the folded member weights, whatever the rows),
+    "auto" (triton on CUDA tensors or under TRITON_INTERPRET=1, eager otherwise). float64 runs
+    with "eager" or "folded" only. Under autocast all inputs are cast to the
     autocast dtype first, as torch does for F.linear.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"rank1_linear: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    if impl not in LINEAR_IMPLS:
+        raise ValueError(f"rank1_linear: impl must be one of {', '.join(LINEAR_IMPLS)}, got {impl!r}")
     if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, r, s = (t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (x, weight, r, s))
@@ -558,9 +560,10 @@ def rank1_linear(
         impl = "triton" if (x.is_cuda or interpreting()) and x.dtype != torch.float64 else "eager"
     # Leading batch dims of per-member x fold into the rows (a view when the strides allow).
     x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 3 else x
-    if impl == "eager":
-        eager = rank1_linear_folded if folding_pays(x3.shape[-2], *weight.shape[::-1]) else rank1_linear_eager
-        out = eager(x3, weight, r, s, bias)
+    if impl == "folded" or (impl == "eager" and folding_pays(x3.shape[-2], *weight.shape[::-1])):
+        out = rank1_linear_folded(x3, weight, r, s, bias)
+    elif impl == "eager":
+        out = rank1_linear_eager(x3, weight, r, s, bias)
     else:
         if not (x.is_cuda or interpreting()):
             raise ValueError(

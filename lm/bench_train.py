@@ -126,19 +126,24 @@ def variants(cfg: Config, device_type: str = "cpu") -> dict[str, Config]:
     if lp.mode == "rank1":
         out["rank1"] = copy.deepcopy(cfg)
     elif lp.mode == "late_phase":
-        # The LSTM runs all members at once in two ways (model.lstm_members); time both, and on
-        # CUDA fused also without its CUDA graphs.
-        ways = ("fused", "folded") if cfg.model.family == "lstm" else (None,)
-        if cfg.model.family == "lstm" and device_type == "cuda":
-            ways += ("fused, no CUDA graphs",)
+        # The parallel schedule, timed each way the model can run all members at once: the
+        # LSTM's model.lstm_members (on CUDA fused also without its CUDA graphs), and on CUDA
+        # the Transformer's model.linear_members (folded is not yet measured there).
+        ways: dict[str | None, dict] = {None: {}}
+        if cfg.model.family == "lstm":
+            ways = {"fused": {"lstm_members": "fused"}, "folded": {"lstm_members": "folded"}}
+            if device_type == "cuda":
+                ways["fused, no CUDA graphs"] = {"lstm_members": "fused", "lstm_cuda_graphs": False}
+        elif device_type == "cuda":
+            ways = {"fused": {"linear_members": "fused"}, "folded": {"linear_members": "folded"}}
         for schedule, way in [("sequential", None)] + [("parallel", way) for way in ways]:
             late = copy.deepcopy(cfg)
             late.late_phase.schedule = schedule
             late.late_phase.T0 = 1  # members spawn during the warm-up: the late phase is what gets timed
             label = f"late_phase {schedule} (K={lp.K})"
             if way is not None:
-                late.model.lstm_members = way.split(",")[0]
-                late.model.lstm_cuda_graphs = "no CUDA graphs" not in way
+                for key, value in ways[way].items():
+                    setattr(late.model, key, value)
                 label += f", {way}"
             multiple = lp.K * cfg.train.grad_accum
             if schedule == "parallel" and cfg.train.batch_size % multiple and cfg.train.batch_size > multiple:

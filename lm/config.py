@@ -56,6 +56,12 @@ class ModelConfig:
     lstm_members: str = "auto"
     # fused on CUDA: replay each window's kernel launches from a CUDA graph (kernels.rank1_lstm).
     lstm_cuda_graphs: bool = True
+    # How late-phase linear layers (the Transformer's, the LSTM's input projections in fused)
+    # run all K members at once: fused (kernels.rank1_linear: the Triton kernel on CUDA; on the
+    # CPU the eager form, which folds where that measured faster), folded (each member's weight
+    # W * r_k s_k^T built, one batched matmul, whatever the rows), auto (= fused, the measured
+    # default until folded is timed on a GPU: docs/benchmarks/training.md).
+    linear_members: str = "auto"
     # Transformer
     d_model: int = 512
     n_layers: int = 8
@@ -144,6 +150,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.tokenizer": ("bytes", "sentencepiece"),
     "model.family": ("lstm", "transformer"),
     "model.lstm_members": ("auto", "fused", "folded"),
+    "model.linear_members": ("auto", "fused", "folded"),
     "model.positions": ("rotary", "learned"),
     "late_phase.mode": ("plain", "rank1", "late_phase"),
     "late_phase.schedule": ("sequential", "parallel"),

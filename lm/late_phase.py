@@ -60,10 +60,12 @@ class Rank1Factors(MemberRows):
     `kernel_impl` is handed to our kernels (kernels.rank1_linear, and kernels.rank1_lstm in the
     LSTM) when all members run at once ("auto" picks Triton on CUDA or under TRITON_INTERPRET=1,
     eager otherwise); set it on the class to force one, e.g. "eager" in CPU tests, where the
-    Triton interpreter is slow.
+    Triton interpreter is slow. `linear_members` is model.linear_members: "folded" sends the
+    all-members linear products to kernels.rank1_linear's folded form instead.
     """
 
     kernel_impl: str = "auto"
+    linear_members: str = "auto"
 
     def __init__(self, num: int, d_out: int, d_in: int, bias_init: torch.Tensor | None = None):
         super().__init__()
@@ -79,7 +81,8 @@ class Rank1Factors(MemberRows):
         """Every member at once, ((x_k * s_k) W^T) * r_k + bias_k, through kernels.rank1_linear.
 
         x: (K, M, d_in) (row block k through member k) or (M, d_in) (shared) -> (K, M, d_out)."""
-        return rank1_linear(x, weight, self.r, self.s, bias, impl=self.kernel_impl)
+        impl = "folded" if self.linear_members == "folded" else self.kernel_impl
+        return rank1_linear(x, weight, self.r, self.s, bias, impl=impl)
 
     def member_bias(self, member: int) -> torch.Tensor | None:
         return None if self.bias is None else self.bias[member]

@@ -63,6 +63,13 @@ def test_variants_time_the_late_phase_itself(tmp_path):
     assert list(on_cuda)[-1] == "late_phase parallel (K=3), fused, no CUDA graphs, batch 9"
     assert [(v.model.lstm_members, v.model.lstm_cuda_graphs) for v in on_cuda.values()][2:] == [
         ("fused", True), ("folded", True), ("fused", False)]
+    # The Transformer's linear layers: one parallel way on the CPU, fused and folded on CUDA.
+    tf = load_config(str(REPO / "configs" / "enwik8_transformer_late_phase_parallel.yaml"),
+                     tiny_overrides(tmp_path) + ["train.batch_size=6"])
+    assert [v.model.linear_members for v in bench_train.variants(tf).values()] == ["auto"] * 3
+    assert {name: v.model.linear_members for name, v in bench_train.variants(tf, "cuda").items()} == {
+        "plain": "auto", "late_phase sequential (K=3)": "auto",
+        "late_phase parallel (K=3), fused": "fused", "late_phase parallel (K=3), folded": "folded"}
 
 
 def test_minimal_loop_is_the_trainers_plain_step_written_by_hand(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from kernels import rank1
 from lm.config import Config, LatePhaseConfig, ModelConfig, TrainConfig
 from lm.late_phase import (
     LatePhaseLinear,
@@ -188,6 +189,34 @@ def test_kernel_path_agrees_with_eager(monkeypatch, cfg):
     torch.testing.assert_close(grads["auto"][0], grads["eager"][0], rtol=1e-4, atol=1e-4)
     for name, grad in grads["auto"][1].items():
         torch.testing.assert_close(grad, grads["eager"][1][name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("family", ["transformer", "lstm"])
+def test_linear_members_folded_computes_what_fused_computes(monkeypatch, family):
+    # model.linear_members=folded sends every late-phase linear layer's all-members product
+    # to rank1_linear_folded, even at rows where the eager dispatch would not fold.
+    monkeypatch.setattr(Rank1Factors, "kernel_impl", "eager")
+    calls = []
+    real = rank1.rank1_linear_folded
+    monkeypatch.setattr(rank1, "rank1_linear_folded", lambda *args: calls.append(1) or real(*args))
+    base = dataclasses.replace(TINY_LATE_PHASE[family], lstm_members="fused")
+    x = torch.randint(0, 256, (4, 6))
+    results = {}
+    for way in ("fused", "folded"):
+        torch.manual_seed(3)
+        model = build_model(dataclasses.replace(base, linear_members=way), LatePhaseConfig(mode="late_phase", K=2))
+        with torch.no_grad():
+            for p in late_phase_parameters(model):
+                p.add_(0.2 * torch.randn_like(p))
+        calls.clear()
+        logits, _ = model(x, None, "parallel")
+        logits.square().mean().backward()
+        layers = sum(isinstance(m, Rank1Factors) for m in model.modules())
+        assert len(calls) == (0 if way == "fused" else layers // (2 if family == "lstm" else 1))
+        results[way] = logits.detach(), [p.grad for p in model.parameters()]
+    torch.testing.assert_close(results["folded"][0], results["fused"][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(results["folded"][1], results["fused"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_paper_lstm_and_recommended_transformer_sizes():

@@ -40,14 +40,15 @@ def test_folding_pays_from_four_times_the_break_even_rows():
     assert rank1.folding_pays(1800, 190, 2000)
 
 
-@pytest.mark.parametrize("rows, folds", [(44, False), (45, True)])
-def test_eager_dispatch_picks_the_cheaper_form(rows, folds, monkeypatch):
+@pytest.mark.parametrize("rows, impl, folds", [(44, "eager", False), (45, "eager", True), (2, "folded", True)])
+def test_eager_dispatch_picks_the_cheaper_form(rows, impl, folds, monkeypatch):
+    # impl="eager" folds from FOLD_ROWS_FACTOR x the break-even rows; impl="folded" always.
     calls = []
     for name in ("rank1_linear_folded", "rank1_linear_eager"):
         real = getattr(rank1, name)
         monkeypatch.setattr(rank1, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
     inputs = make_inputs(3, (3, rows, 33), torch.float32, "member", torch.Generator().manual_seed(12), d_out=17)
-    out = kernels.rank1_linear(*inputs, impl="eager")
+    out = kernels.rank1_linear(*inputs, impl=impl)
     assert calls == ["rank1_linear_folded" if folds else "rank1_linear_eager"]
     expected = reference(*(t.detach().double() for t in inputs))
     assert relative_error(out, expected) < 2e-6

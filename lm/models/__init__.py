@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lm.config import Config, ConfigError, LatePhaseConfig, ModelConfig, config_from_dict, config_to_dict
-from lm.late_phase import average_members, is_plain
+from lm.late_phase import Rank1Factors, average_members, is_plain
 from lm.models.lstm import LSTMLM
 from lm.models.transformer import TransformerLM
 
@@ -48,7 +48,11 @@ def build_model(model_cfg: ModelConfig, lp_cfg: LatePhaseConfig) -> nn.Module:
     """
     if model_cfg.family not in FAMILIES:
         raise ValueError(f"model.family must be one of {', '.join(FAMILIES)}, got {model_cfg.family!r}")
-    return FAMILIES[model_cfg.family](model_cfg, stored_members(lp_cfg))
+    model = FAMILIES[model_cfg.family](model_cfg, stored_members(lp_cfg))
+    for module in model.modules():
+        if isinstance(module, Rank1Factors):
+            module.linear_members = model_cfg.linear_members
+    return model
 
 
 def plain_like(model: nn.Module) -> nn.Module:
