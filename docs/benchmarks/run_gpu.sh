@@ -7,7 +7,9 @@
 #   check  tests/test_gpu.py: compiled kernels and CUDA training against float64 references
 #          (10 to 28 s per test on an H100 with a cold Triton cache, mostly compiling)
 #   quick  python -m kernels.bench --quick (bf16)
-#   train  python -m lm.bench_train on the paper's LSTM and the Transformer (synthetic bytes)
+#   train  python -m lm.bench_train on the paper's LSTM and the Transformer (synthetic bytes):
+#          the LSTM's parallel schedule fused (with and without CUDA graphs) and folded, the
+#          Transformer's with its linear layers fused and folded
 #   profile  the Transformer's variants under torch.profiler (top operators by device time)
 #   grid1 / grid2  the bf16 rank-1 grid, in two halves of the layers (each under 10 minutes)
 #   fp32   the quick grid in float32
