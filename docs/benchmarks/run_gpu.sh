@@ -46,9 +46,9 @@ for s in "$@"; do
     quick)
         stage quick 300 python3 -m kernels.bench --quick --dtype bf16 --out "$OUT/rank1_quick" ;;
     train)
-        stage train 150 python3 -m lm.bench_train --config configs/enwik8_lstm_late_phase.yaml --steps 10 \
+        stage train 280 python3 -m lm.bench_train --config configs/enwik8_lstm_late_phase.yaml --steps 10 \
             $SYNTH train.batch_size=120
-        stage train 150 python3 -m lm.bench_train --config configs/enwik8_transformer_late_phase_parallel.yaml \
+        stage train 240 python3 -m lm.bench_train --config configs/enwik8_transformer_late_phase_parallel.yaml \
             --steps 20 $SYNTH ;;
     profile)
         stage profile 120 python3 -m lm.bench_train --config configs/enwik8_transformer_late_phase_parallel.yaml \
