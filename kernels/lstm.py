@@ -403,22 +403,25 @@ class _WindowGraph:
     one window at a time, from a forward that saves until its backward, or until the autograd
     graph holding it is freed (`holder` is a weak reference to a token the autograd context
     keeps). Each loop runs once outside a capture first, on the same buffers, so that every
-    kernel compiles and autotunes (which times it) before any capture.
+    kernel compiles and autotunes (which times it) before any capture. Both loops are captured
+    in a forward, on the caller's thread: a backward runs on autograd's worker thread, which
+    only replays.
     """
 
     def __init__(self, inputs: list[torch.Tensor]) -> None:
         self.inputs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs]
         self.holder: Callable[[], object] = lambda: None
         self.saved: list[torch.Tensor] = []
-        self.forward_warm = False
         self.forward_graph: tuple | None = None  # (replay, outputs)
-        self.backward_warm: set[bool] = set()
+        self.forward_warm = False
         self.backward_graphs: dict[bool, tuple] = {}  # param_grads -> (replay, grad inputs, outputs)
+        self.backward_warm: set[bool] = set()
 
     def busy(self) -> bool:
         return self.holder() is not None
 
-    def forward(self, steps, save: bool, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], object]:
+    def forward(self, steps, save: bool, param_grads: bool,
+                inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], object]:
         """This window's [out, cells..., acts...] (in the graph's buffers), and a token that holds them."""
         for static, t in zip(self.inputs, inputs):
             static.copy_(t)
@@ -429,6 +432,8 @@ class _WindowGraph:
             if self.forward_graph is None:
                 self.forward_graph = _capture(lambda: _forward_window(steps, save, *self.inputs))
             replay, outputs = self.forward_graph
+            if save and param_grads in self.backward_warm and param_grads not in self.backward_graphs:
+                self._capture_backward(steps, param_grads, outputs)
             replay()
         token = torch.empty(0)
         if save:
@@ -436,26 +441,32 @@ class _WindowGraph:
             self.holder = weakref.ref(token)
         return outputs, token
 
+    def _capture_backward(self, steps, param_grads: bool, outputs: list[torch.Tensor]) -> None:
+        # Gradients arrive for (out, h_T, c_T): buffers shaped like them (their values do not
+        # matter to a capture, which records without running).
+        out = outputs[0]
+        c = outputs[1 + out.shape[2]]
+        grads = [torch.empty_like(out), torch.empty_like(out[:, :, -1], memory_format=torch.contiguous_format),
+                 torch.empty_like(c)]
+        saved = [*self.inputs[1:5], *outputs]
+        replay, results = _capture(lambda: _backward_window(steps, param_grads, *saved, *grads))
+        self.backward_graphs[param_grads] = replay, grads, results
+
     def backward(self, steps, token: object, param_grads: bool, grads: list[torch.Tensor]) -> list:
         """The gradients of the window this graph holds for `token`."""
         if self.holder() is not token:
             raise RuntimeError("rank1_lstm: a CUDA-graphed window's activations were overwritten before its "
                                "backward; please report this bug")
-        saved = [*self.inputs[1:5], *self.saved]  # weight, r, s, h0, out, cells, acts
-        captured = self.forward_graph is not None and self.saved is self.forward_graph[1]
-        if not captured or param_grads not in self.backward_warm:
-            self.backward_warm.add(param_grads)
-            result = _backward_window(steps, param_grads, *saved, *grads)
-        else:
-            if param_grads not in self.backward_graphs:
-                static_grads = [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads]
-                replay, outputs = _capture(lambda: _backward_window(steps, param_grads, *saved, *static_grads))
-                self.backward_graphs[param_grads] = replay, static_grads, outputs
-            replay, static_grads, outputs = self.backward_graphs[param_grads]
+        graph = self.backward_graphs.get(param_grads)
+        if graph is not None:  # captured by an earlier forward, from this graph's buffers
+            replay, static_grads, outputs = graph
             for static, g in zip(static_grads, grads):
                 static.copy_(g)
             replay()
             result = [None if g is None else g.clone() for g in outputs]
+        else:
+            self.backward_warm.add(param_grads)
+            result = _backward_window(steps, param_grads, *self.inputs[1:5], *self.saved, *grads)
         self.holder, self.saved = (lambda: None), []
         return result
 
@@ -498,7 +509,7 @@ class Rank1LSTMFunction(torch.autograd.Function):
         if graph is None:
             outputs, token = _forward_window(steps, save, *inputs), None
         else:
-            outputs, token = graph.forward(steps, save, inputs)
+            outputs, token = graph.forward(steps, save, any(ctx.needs_input_grad[1:4]), inputs)
         out, c = outputs[0], outputs[1 + x_gates.shape[2] if save else 1]
         if save:
             ctx.steps, ctx.graph, ctx.token = steps, graph, token
