@@ -229,13 +229,16 @@ def window(args, graphed, save=True):
     return lstm_kernels.Rank1LSTMFunction.apply(*args, "eager", save, graphed)
 
 
-def forward_and_grads(args, graphed, seed):
-    """(out, h, c) of one window and the gradients of every input requiring one."""
-    outputs = window(args, graphed)
+def window_grads(outputs, args, seed):
+    """A window's (out, h, c) and the gradients of a random linear loss of them with respect to
+    every input requiring one."""
     generator = torch.Generator().manual_seed(seed)
     loss = sum((o * torch.randn(o.shape, generator=generator)).sum() for o in outputs)
-    leaves = [t for t in args if t.requires_grad]
-    return [o.detach() for o in outputs], torch.autograd.grad(loss, leaves)
+    return [o.detach() for o in outputs], torch.autograd.grad(loss, [t for t in args if t.requires_grad])
+
+
+def forward_and_grads(args, graphed, seed):
+    return window_grads(window(args, graphed), args, seed)
 
 
 def assert_same_window(got, want):
@@ -262,11 +265,7 @@ def test_graphed_windows_match_direct_ones(emulated_graphs, param_grads):
         args = fresh_args(10 + seed, param_grads)
         outputs = window(args, True)
         assert len(emulated_graphs) == (0 if seed == 0 else 2)  # no capture in a backward
-        generator = torch.Generator().manual_seed(seed)
-        seeds = [torch.randn(o.shape, generator=generator) for o in outputs]
-        leaves = [t for t in args if t.requires_grad]
-        got.append(([o.detach() for o in outputs],
-                    torch.autograd.grad(sum((o * w).sum() for o, w in zip(outputs, seeds)), leaves)))
+        got.append(window_grads(outputs, args, seed))
         want.append(forward_and_grads(args, False, seed))
     for g, w in zip(got, want):
         assert_same_window(g, w)
@@ -282,12 +281,8 @@ def test_windows_waiting_for_their_backward_each_keep_a_graph(emulated_graphs, m
         args = [fresh_args(20 + 2 * step + layer) for layer in range(2)]
         outputs = [window(a, True) for a in args]
         for layer in reversed(range(2)):
-            generator = torch.Generator().manual_seed(layer)
-            seeds = [torch.randn(o.shape, generator=generator) for o in outputs[layer]]
-            grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outputs[layer], seeds)), args[layer])
-            direct = window(args[layer], False)
-            want = torch.autograd.grad(sum((o * w).sum() for o, w in zip(direct, seeds)), args[layer])
-            assert_same_window(([o.detach() for o in outputs[layer]], grads), ([o.detach() for o in direct], want))
+            assert_same_window(window_grads(outputs[layer], args[layer], layer),
+                               forward_and_grads(args[layer], False, layer))
     (graphs,) = lstm_kernels._GRAPHS.by_shape.values()
     assert len(graphs) == 2
     # With room for one graph only, the second waiting window runs without one, correctly.
@@ -298,9 +293,7 @@ def test_windows_waiting_for_their_backward_each_keep_a_graph(emulated_graphs, m
     (graphs,) = lstm_kernels._GRAPHS.by_shape.values()
     assert len(graphs) == 1 and graphs[0].busy()
     for a, o in zip(args, outputs):
-        got = [t.detach() for t in o], torch.autograd.grad(sum(t.sum() for t in o), a)
-        direct = window(a, False)
-        assert_same_window(got, ([t.detach() for t in direct], torch.autograd.grad(sum(t.sum() for t in direct), a)))
+        assert_same_window(window_grads(o, a, 0), forward_and_grads(a, False, 0))
 
 
 def test_a_window_dropped_before_its_backward_frees_its_graph(emulated_graphs):

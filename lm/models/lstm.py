@@ -48,11 +48,10 @@ class LatePhaseLSTM(nn.Module):
     own bias slots are emptied because each member has its own biases (in the factors).
     """
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int, num: int, cuda_graphs: bool = True):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int, num: int):
         super().__init__()
         self.lstm = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True)
         self.num_layers = num_layers
-        self.cuda_graphs = cuda_graphs  # for the fused all-members recurrence on CUDA
         self.num = num  # stored members; 0 = plain
         if num == 0:
             self.factors = None
@@ -82,8 +81,9 @@ class LatePhaseLSTM(nn.Module):
         return functional_call(self.lstm, self.member_weights(member), (x, state))
 
     def all_members(self, x: torch.Tensor, state: LSTMState | None, shared_input: bool,
-                    how: str) -> tuple[torch.Tensor, LSTMState]:
-        """Every member at once; how = "fused" | "folded" (see the module docstring).
+                    how: str, cuda_graphs: bool = True) -> tuple[torch.Tensor, LSTMState]:
+        """Every member at once; how = "fused" | "folded" (see the module docstring), fused on
+        CUDA replaying its windows from CUDA graphs unless `cuda_graphs` is False.
 
         x: (B, T, E) shared by every member, or (K, B, T, E) with member k's rows in x[k].
         Returns out (K, B, T, H) and a state pair of (K, layers, B, H) tensors.
@@ -92,10 +92,10 @@ class LatePhaseLSTM(nn.Module):
             runs = [self(x if shared_input else x[k], None if state is None else _unstack(state, k), k)
                     for k in range(self.num)]
             return torch.stack([out for out, _ in runs]), _stack([st for _, st in runs])
-        return self._all_members_fused(x, state, shared_input)
+        return self._all_members_fused(x, state, shared_input, cuda_graphs)
 
-    def _all_members_fused(self, x: torch.Tensor, state: LSTMState | None,
-                           shared_input: bool) -> tuple[torch.Tensor, LSTMState]:
+    def _all_members_fused(self, x: torch.Tensor, state: LSTMState | None, shared_input: bool,
+                           cuda_graphs: bool) -> tuple[torch.Tensor, LSTMState]:
         K, H = self.num, self.lstm.hidden_size
         batch, steps = x.shape[-3:-1]
         if state is None:
@@ -109,7 +109,7 @@ class LatePhaseLSTM(nn.Module):
             x_gates = ih.all_members(rows, getattr(self.lstm, f"weight_ih_l{layer}"), ih.bias + hh.bias)
             x, h, c = rank1_lstm(x_gates.view(K, batch, steps, 4 * H), getattr(self.lstm, f"weight_hh_l{layer}"),
                                  hh.r, hh.s, state[0][:, layer], state[1][:, layer], impl=hh.kernel_impl,
-                                 cuda_graphs=self.cuda_graphs)
+                                 cuda_graphs=cuda_graphs)
             h_last.append(h)
             c_last.append(c.to(h.dtype))
         return x, (torch.stack(h_last, dim=1), torch.stack(c_last, dim=1))
@@ -131,7 +131,7 @@ class LSTMLM(nn.Module):
         self.cfg = cfg
         self.num = num  # stored members; 0 = plain model
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
-        self.rnn = LatePhaseLSTM(cfg.embed_dim, cfg.hidden_size, cfg.num_layers, num, cfg.lstm_cuda_graphs)
+        self.rnn = LatePhaseLSTM(cfg.embed_dim, cfg.hidden_size, cfg.num_layers, num)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
 
     def forward(self, inputs: torch.Tensor, state=None, member: Member = 0):
@@ -147,7 +147,8 @@ class LSTMLM(nn.Module):
             return self.decoder(out), new_state
         how = all_members_way(self.cfg.lstm_members, member, self.cfg.hidden_size, x.device.type)
         if member == "all":
-            out, new_state = self.rnn.all_members(x, state, shared_input=True, how=how)
+            out, new_state = self.rnn.all_members(x, state, shared_input=True, how=how,
+                                                  cuda_graphs=self.cfg.lstm_cuda_graphs)
             return self.decoder(out), new_state
         return self._forward_parallel(x, state, how)
 
@@ -157,7 +158,8 @@ class LSTMLM(nn.Module):
         if batch % K:
             raise ValueError(f"member='parallel' needs a batch that is a multiple of K={K}, got {batch} rows")
         member_state = None if state is None else tuple(_rows_to_members(s, 1, K) for s in state)
-        out, (h, c) = self.rnn.all_members(_rows_to_members(x, 0, K), member_state, shared_input=False, how=how)
+        out, (h, c) = self.rnn.all_members(_rows_to_members(x, 0, K), member_state, shared_input=False, how=how,
+                                           cuda_graphs=self.cfg.lstm_cuda_graphs)
         out = out.movedim(0, 1).flatten(0, 1)
         h, c = (s.movedim(0, 2).flatten(1, 2) for s in (h, c))
         return self.decoder(out), (h, c)
