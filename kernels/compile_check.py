@@ -26,8 +26,14 @@ from dataclasses import asdict, dataclass
 # Shared memory per block (opt-in maximum) of each architecture, in bytes.
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
 DTYPES = ("fp32", "bf16")
-# The launch-time flags every kernel is compiled with (the slower branch where there is one).
-FLAGS = {"HAS_BIAS": True, "DOT_PRECISION": "tf32", "UPCAST": False, "SAVE": True, "RECURRENT": True}
+# The launch-time flags every kernel is compiled with (the slower branch where there is one),
+# and their other values, compiled for each kernel's first config in float32: no bias, IEEE
+# dots, evaluation windows that save nothing, the backward's last step (no recurrent product,
+# so no main loop to pipeline).
+FLAGS = {
+    "main": {"HAS_BIAS": True, "DOT_PRECISION": "tf32", "UPCAST": False, "SAVE": True, "RECURRENT": True},
+    "other": {"HAS_BIAS": False, "DOT_PRECISION": "ieee", "UPCAST": False, "SAVE": False, "RECURRENT": False},
+}
 # float32 buffers whatever the input dtype: the dW kernel's atomic accumulators, the LSTM
 # cell state and saved gate activations.
 FLOAT32_POINTERS = {"dw_ptr", "dr_ptr", "ds_ptr", "c_prev_ptr", "c_ptr", "act_ptr", "dc_ptr", "dc_prev_ptr"}
@@ -53,6 +59,7 @@ class CompileResult:
     dtype: str
     arch: int
     layout: str
+    flags: str
     ok: bool
     shared_bytes: int = 0
     fits: bool = False
@@ -79,12 +86,12 @@ def _describe(config) -> str:
     return f"{blocks}-w{config.num_warps}-s{config.num_stages}"
 
 
-def _source(fn, config, dtype: str, layout: str):
+def _source(fn, config, dtype: str, layout: str, flags: str):
     """ASTSource of one kernel specialised as a contiguous launch would specialise it."""
     from triton.compiler import ASTSource
 
     constexpr_names = {fn.arg_names[i] for i in fn.constexprs}
-    values = {**FLAGS, "ALIGN": LAYOUT_ALIGN[layout], **config.kwargs}
+    values = {**FLAGS[flags], "ALIGN": LAYOUT_ALIGN[layout], **config.kwargs}
     signature, constexprs, attrs = {}, {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexpr_names:
@@ -103,17 +110,18 @@ def _source(fn, config, dtype: str, layout: str):
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
-def compile_one(kernel: str, config_index: int, dtype: str, arch: int, layout: str) -> CompileResult:
+def compile_one(kernel: str, config_index: int, dtype: str, arch: int, layout: str,
+                flags: str = "main") -> CompileResult:
     import triton
     from triton.backends.compiler import GPUTarget
 
     fn, configs = _kernels()[kernel]
     fn = fn.fn  # the JITFunction under the autotuner
     config = configs[config_index]
-    result = CompileResult(kernel, _describe(config), dtype, arch, layout, ok=False)
+    result = CompileResult(kernel, _describe(config), dtype, arch, layout, flags, ok=False)
     try:
         compiled = triton.compile(
-            _source(fn, config, dtype, layout),
+            _source(fn, config, dtype, layout, flags),
             target=GPUTarget("cuda", arch, 32),
             options={"num_warps": config.num_warps, "num_stages": config.num_stages},
         )
@@ -131,12 +139,13 @@ def compile_one(kernel: str, config_index: int, dtype: str, arch: int, layout: s
 def run_checks(archs: list[int], jobs: int) -> list[CompileResult]:
     kernels = _kernels()
     tasks = [
-        (kernel, i, dtype, arch, "aligned16")
+        (kernel, i, dtype, arch, "aligned16", "main")
         for kernel, (_, configs) in kernels.items()
         for i in range(len(configs))
         for dtype in DTYPES
         for arch in archs
-    ] + [(kernel, 0, "bf16", arch, "aligned4") for kernel in kernels for arch in archs]
+    ] + [(kernel, 0, "bf16", arch, "aligned4", "main") for kernel in kernels for arch in archs]
+    tasks += [(kernel, 0, "fp32", arch, "aligned16", "other") for kernel in kernels for arch in archs]
     if jobs <= 1:
         return [compile_one(*task) for task in tasks]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -146,9 +155,10 @@ def run_checks(archs: list[int], jobs: int) -> list[CompileResult]:
 def problems(results: list[CompileResult], archs: list[int]) -> list[str]:
     """What would break or be slow on a GPU: rejected configs, kernels with no config that fits,
     matmul main loops left unpipelined, a bf16 forward without wgmma on sm_90."""
-    found = [f"{r.kernel} {r.config} {r.dtype} sm_{r.arch} {r.layout}: {r.error}" for r in results if not r.ok]
+    found = [f"{r.kernel} {r.config} {r.dtype} sm_{r.arch} {r.layout} {r.flags} flags: {r.error}"
+             for r in results if not r.ok]
     found += [f"{r.kernel} {r.config} {r.dtype} sm_{r.arch} {r.layout}: main loop not pipelined (no cp.async)"
-              for r in results if r.ok and r.kernel in MATMUL_KERNELS and not r.pipelined]
+              for r in results if r.ok and r.kernel in MATMUL_KERNELS and r.flags == "main" and not r.pipelined]
     groups = {(r.kernel, r.dtype, r.arch) for r in results}
     for kernel, dtype, arch in sorted(groups):
         if not any(r.fits for r in results if (r.kernel, r.dtype, r.arch) == (kernel, dtype, arch)):
@@ -173,10 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     results = run_checks(args.arch, args.jobs)
-    print(f"{'kernel':8} {'config':24} {'dtype':5} {'arch':6} {'layout':9} {'result':8} {'smem KiB':>8} "
+    print(f"{'kernel':8} {'config':24} {'dtype':5} {'arch':6} {'layout':9} {'flags':5} {'result':8} {'smem KiB':>8} "
           f"{'fits':5} {'wgmma':5} cp.async")
     for r in results:
-        print(f"{r.kernel:8} {r.config:24} {r.dtype:5} sm_{r.arch:<3} {r.layout:9} {'ok' if r.ok else 'FAILED':8} "
+        print(f"{r.kernel:8} {r.config:24} {r.dtype:5} sm_{r.arch:<3} {r.layout:9} {r.flags:5} {'ok' if r.ok else 'FAILED':8} "
               f"{r.shared_bytes / 1024:8.1f} {'yes' if r.fits else 'no':5} {'yes' if r.wgmma else 'no':5} "
               f"{'yes' if r.pipelined else 'no'}"
               + (f"  {r.error}" if r.error else ""))

@@ -33,13 +33,15 @@ def test_every_kernel_and_config_compiles_for_sm90_and_sm80(tmp_path):
     n_configs = (len(rank1.FORWARD_CONFIGS) + len(rank1.DX_CONFIGS) + len(rank1.DW_CONFIGS)
                  + len(lstm.STEP_FWD_CONFIGS) + len(lstm.STEP_BWD_CONFIGS))
     # Every config x (fp32, bf16) x (sm_90, sm_80), plus the first config of each of the five
-    # kernels with sizes that are multiples of 4 only (bf16, both archs).
-    assert len(results) == n_configs * 2 * 2 + 5 * 2
+    # kernels with sizes that are multiples of 4 only (bf16, both archs), and with the other
+    # value of every launch flag (fp32, both archs).
+    assert len(results) == n_configs * 2 * 2 + 5 * 2 + 5 * 2
     assert {r["kernel"] for r in results} == MATMUL_KERNELS
     assert all(r["ok"] for r in results)
+    assert len([r for r in results if r["flags"] == "other"]) == 5 * 2
     # Every matmul main loop is software-pipelined (cp.async copies), also when the sizes are
     # not multiples of 16 (the LSTM's d_in = 500), thanks to the kernels' ALIGN hints.
-    assert all(r["pipelined"] for r in results if r["kernel"] in MATMUL_KERNELS)
+    assert all(r["pipelined"] for r in results if r["kernel"] in MATMUL_KERNELS and r["flags"] == "main")
     forward_bf16_sm90 = [r for r in results if (r["kernel"], r["dtype"], r["arch"]) == ("forward", "bf16", 90)]
     assert len(forward_bf16_sm90) == len(rank1.FORWARD_CONFIGS) + 1
     assert all(r["wgmma"] for r in forward_bf16_sm90)
