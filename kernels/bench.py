@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from kernels.rank1 import interpreting, rank1_linear, rank1_linear_eager, rank1_linear_folded
+from kernels.rank1 import interpreting, rank1_linear, rank1_linear_eager, rank1_linear_folded, tf32_matmuls
 
 # (name, d_in, d_out): the paper's LSTM gate matrices (4H x d_in with H = 500) and the
 # Transformer MLP layers (d_model 512 and 1024, 4x expansion).
@@ -135,7 +135,7 @@ def tolerance(dtype: torch.dtype) -> float:
     to 8 mantissa bits (the interpreter measures up to 8e-3); TF32 dots, when torch allows them, carry 10."""
     if dtype == torch.bfloat16:
         return 3e-2
-    return 5e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-4
+    return 5e-3 if tf32_matmuls() else 1e-4
 
 
 def _interpreted_correctness_check() -> float:

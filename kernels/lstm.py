@@ -107,7 +107,8 @@ def _row_offsets(rows, B, stride_a, stride_b, ALIGN: tl.constexpr):
     return tl.multiple_of(((rows // B) * stride_a + (rows % B) * stride_b)[:, None], [ALIGN, ALIGN])
 
 
-@triton.autotune(configs=rank1.active_configs(STEP_FWD_CONFIGS, _INTERPRETER_FWD), key=["R", "H"])
+# SAVE (training or evaluation windows) and DOT_PRECISION (TF32 or IEEE) may favour different tiles.
+@triton.autotune(configs=rank1.active_configs(STEP_FWD_CONFIGS, _INTERPRETER_FWD), key=["R", "H", "SAVE", "DOT_PRECISION"])
 @triton.jit
 def _lstm_step_fwd_kernel(
     xg_ptr, h_ptr, c_prev_ptr, w_ptr, r_ptr, s_ptr, h_out_ptr, c_ptr, act_ptr,
@@ -177,7 +178,8 @@ def _lstm_step_fwd_kernel(
         tl.store(act + 3 * H, o, mask=mask)
 
 
-@triton.autotune(configs=rank1.active_configs(STEP_BWD_CONFIGS, _INTERPRETER_BWD), key=["R", "H", "RECURRENT"])
+@triton.autotune(configs=rank1.active_configs(STEP_BWD_CONFIGS, _INTERPRETER_BWD),
+                 key=["R", "H", "RECURRENT", "DOT_PRECISION"])
 @triton.jit
 def _lstm_step_bwd_kernel(
     dgn_ptr, dh_ptr, w_ptr, r_ptr, s_ptr, dout_ptr, dc_ptr, act_ptr, c_prev_ptr, c_ptr, dgates_ptr, dc_prev_ptr,
@@ -386,9 +388,10 @@ def _capture(run: Callable[[], list]) -> tuple[Callable[[], None], list]:
     """Record `run` (which reads fixed input buffers) as a CUDA graph: (replay, its outputs).
     The tests swap in an emulation, since capturing needs a GPU."""
     graph = torch.cuda.CUDAGraph()
-    # A backward captures from autograd's worker thread, while other threads (data loading,
-    # DDP's communication) may call CUDA: only this thread's capture-unsafe calls are errors.
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    # Other threads (data loading, DDP's communication, autograd's workers) may call CUDA during
+    # a capture: only this thread's capture-unsafe calls are errors. The capture stream is made
+    # here, on the current device: torch's default one is created once, on the first device used.
+    with torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
         outputs = run()
     return graph.replay, outputs
 
@@ -402,23 +405,27 @@ class _WindowGraph:
     out, and the activations a backward needs stay in the graph's buffers, so a graph holds
     one window at a time, from a forward that saves until its backward, or until the autograd
     graph holding it is freed (`holder` is a weak reference to a token the autograd context
-    keeps). Each loop runs once outside a capture first, on the same buffers, so that every
-    kernel compiles and autotunes (which times it) before any capture. Both loops are captured
-    in a forward, on the caller's thread: a backward runs on autograd's worker thread, which
-    only replays.
+    keeps). Each loop runs once outside a capture first, on the same buffers (inputs and
+    incoming gradients alike), so that every kernel compiles and autotunes (which times it) for
+    exactly the pointers and strides the capture will see. Both loops are captured in a
+    forward, on the caller's thread: a backward runs on autograd's worker thread, which only
+    replays. After its backward a window's activations stay in place until the graph's next
+    window, so a second backward (retain_graph=True) works until then.
     """
 
     def __init__(self, inputs: list[torch.Tensor]) -> None:
         self.inputs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs]
+        self.grads: list[torch.Tensor] = []  # the gradients of (out, h_T, c_T), from the first backward
         self.holder: Callable[[], object] = lambda: None
+        self.released = True  # the held window has had its backward: the graph may take another
         self.saved: list[torch.Tensor] = []
         self.forward_graph: tuple | None = None  # (replay, outputs)
         self.forward_warm = False
-        self.backward_graphs: dict[bool, tuple] = {}  # param_grads -> (replay, grad inputs, outputs)
+        self.backward_graphs: dict[bool, tuple] = {}  # param_grads -> (replay, outputs)
         self.backward_warm: set[bool] = set()
 
     def busy(self) -> bool:
-        return self.holder() is not None
+        return not self.released and self.holder() is not None
 
     def forward(self, steps, save: bool, param_grads: bool,
                 inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], object]:
@@ -437,37 +444,33 @@ class _WindowGraph:
             replay()
         token = torch.empty(0)
         if save:
-            self.saved = outputs
-            self.holder = weakref.ref(token)
+            self.saved, self.holder, self.released = outputs, weakref.ref(token), False
         return outputs, token
 
     def _capture_backward(self, steps, param_grads: bool, outputs: list[torch.Tensor]) -> None:
-        # Gradients arrive for (out, h_T, c_T): buffers shaped like them (their values do not
-        # matter to a capture, which records without running).
-        out = outputs[0]
-        c = outputs[1 + out.shape[2]]
-        grads = [torch.empty_like(out), torch.empty_like(out[:, :, -1], memory_format=torch.contiguous_format),
-                 torch.empty_like(c)]
         saved = [*self.inputs[1:5], *outputs]
-        replay, results = _capture(lambda: _backward_window(steps, param_grads, *saved, *grads))
-        self.backward_graphs[param_grads] = replay, grads, results
+        replay, results = _capture(lambda: _backward_window(steps, param_grads, *saved, *self.grads))
+        self.backward_graphs[param_grads] = replay, results
 
     def backward(self, steps, token: object, param_grads: bool, grads: list[torch.Tensor]) -> list:
         """The gradients of the window this graph holds for `token`."""
         if self.holder() is not token:
-            raise RuntimeError("rank1_lstm: a CUDA-graphed window's activations were overwritten before its "
-                               "backward; please report this bug")
+            raise RuntimeError("rank1_lstm: this window's CUDA graph has run a later window since, so its "
+                               "activations are gone; a second backward through a window (retain_graph=True) "
+                               "needs cuda_graphs=False (config: model.lstm_cuda_graphs=false)")
+        if not self.grads:
+            self.grads = [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads]
+        for static, g in zip(self.grads, grads):
+            static.copy_(g)
         graph = self.backward_graphs.get(param_grads)
         if graph is not None:  # captured by an earlier forward, from this graph's buffers
-            replay, static_grads, outputs = graph
-            for static, g in zip(static_grads, grads):
-                static.copy_(g)
+            replay, outputs = graph
             replay()
             result = [None if g is None else g.clone() for g in outputs]
         else:
             self.backward_warm.add(param_grads)
-            result = _backward_window(steps, param_grads, *self.inputs[1:5], *self.saved, *grads)
-        self.holder, self.saved = (lambda: None), []
+            result = _backward_window(steps, param_grads, *self.inputs[1:5], *self.saved, *self.grads)
+        self.released = True
         return result
 
 
@@ -483,8 +486,10 @@ class _WindowGraphs:
         self.by_shape: dict[tuple, list[_WindowGraph]] = {}
 
     def acquire(self, impl: str, save: bool, inputs: list[torch.Tensor]) -> _WindowGraph | None:
-        # float32 dots follow torch's TF32 setting when a graph is captured (rank1._dot_args).
-        key = (impl, save, torch.backends.cuda.matmul.allow_tf32, *((t.shape, t.dtype, t.device) for t in inputs))
+        # float32 dots follow torch's TF32 setting when a graph is captured (rank1._dot_args). A
+        # graph's buffers are reused in the order of one stream's work, so each stream has its own.
+        stream = torch.cuda.current_stream(inputs[0].device).cuda_stream if inputs[0].is_cuda else None
+        key = (impl, save, rank1.tf32_matmuls(), stream, *((t.shape, t.dtype, t.device) for t in inputs))
         graphs = self.by_shape.setdefault(key, [])
         free = next((g for g in graphs if not g.busy()), None)
         if free is None and len(graphs) < GRAPHS_PER_SHAPE:
@@ -598,4 +603,6 @@ def rank1_lstm(x_gates: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: 
     x_gates, h0, c0 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x_gates, h0, c0))
     weight, r, s = (t.contiguous() for t in (weight, r, s))
     graphed = cuda_graphs and impl == "triton" and x_gates.is_cuda
-    return Rank1LSTMFunction.apply(x_gates, weight, r, s, h0, c0, impl, save, graphed)
+    # Triton launches and graph captures go to the current device (autograd's backward sets it).
+    with rank1.on_device(x_gates.device):
+        return Rank1LSTMFunction.apply(x_gates, weight, r, s, h0, c0, impl, save, graphed)

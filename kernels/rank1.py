@@ -18,6 +18,7 @@ Kernels (each one launch for all members):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -34,6 +35,11 @@ LINEAR_IMPLS = IMPLS + ("folded",)  # rank1_linear also takes the folded form by
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes a CUDA tensor's device the current one (Triton launches there), else does nothing."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------
@@ -118,7 +124,7 @@ def active_configs(gpu_configs: list[triton.Config],
     return [interpreter_config] if interpreting() else gpu_configs
 
 
-_KEY = ["M", "N", "D"]
+_KEY = ["M", "N", "D", "DOT_PRECISION"]  # TF32 and IEEE dots may favour different tiles
 
 
 # --------------------------------------------------------------------------------------
@@ -164,7 +170,8 @@ def _rank1_fwd_kernel(
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
     k = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # 64-bit rows: row * stride passes 2^31 elements once a member's input reaches 8 GB in float32.
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < M
@@ -220,7 +227,7 @@ def _rank1_dx_kernel(
     """
     pid_m, pid_d = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_D), GROUP)
     group = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit as in the forward
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -349,10 +356,18 @@ def _alignment(*sizes: int) -> int:
     return align
 
 
+def tf32_matmuls() -> bool:
+    """Whether torch lets float32 CUDA matmuls use TF32, set through either of its APIs."""
+    # Once the newer per-backend `fp32_precision` has been set, reading the legacy
+    # `allow_tf32` raises (torch >= 2.9); older torch has only `allow_tf32`.
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    return precision == "tf32" if precision != "none" else torch.backends.cuda.matmul.allow_tf32
+
+
 def _dot_args(dtype: torch.dtype) -> dict:
     # float32 dots follow torch's matmul setting: TF32 tensor cores only when the user allowed
     # them for torch.matmul too, so the fused layer is as exact as the eager one it replaces.
-    ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    ieee = dtype == torch.float32 and not tf32_matmuls()
     return {"DOT_PRECISION": "ieee" if ieee else "tf32", "UPCAST": interpreting() and dtype == torch.bfloat16}
 
 
@@ -571,5 +586,6 @@ def rank1_linear(
             )
         if x.dtype == torch.float64:
             raise ValueError("rank1_linear: impl='triton' takes float32, bfloat16 or float16; float64 runs with impl='eager'")
-        out = Rank1LinearFunction.apply(x3, weight, r, s, bias)
+        with on_device(x.device):  # Triton launches on the current device
+            out = Rank1LinearFunction.apply(x3, weight, r, s, bias)
     return out.reshape(*x.shape[:-1], weight.shape[0]) if x.dim() > 3 else out

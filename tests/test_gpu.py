@@ -142,6 +142,9 @@ def test_rank1_lstm_every_step_config(configs, dtype, monkeypatch):
     # config, on the paper's hidden size and a batch that is no tile multiple.
     for kernel, config in zip((lstm_kernels._lstm_step_fwd_kernel, lstm_kernels._lstm_step_bwd_kernel), configs):
         monkeypatch.setattr(kernel, "configs", [config])
+    # A fresh graph cache, so this window launches its kernels rather than replaying a graph an
+    # earlier test captured with another config.
+    monkeypatch.setattr(lstm_kernels, "_GRAPHS", lstm_kernels._WindowGraphs())
     set_dtype("fp32" if dtype == torch.float32 else "bf16")
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
     # IEEE float32 dots, or bf16 through every step
@@ -149,30 +152,41 @@ def test_rank1_lstm_every_step_config(configs, dtype, monkeypatch):
                tolerance=max(TOLERANCE[dtype], LSTM_TOLERANCE[dtype]), members=3, batch=37, steps=6, hidden=500)
 
 
+@pytest.mark.parametrize("param_grads", [True, False], ids=["param_grads", "input_grads_only"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_rank1_lstm_cuda_graphs_replay_what_direct_launches_compute(dtype, monkeypatch):
-    # Four windows of fresh inputs through the graphs: the first runs outside any capture, the
-    # second captures the forward and backward loops, the last two replay them. Each against
-    # the same window launched directly (the weight-gradient atomics may add in another order).
+def test_rank1_lstm_cuda_graphs_replay_what_direct_launches_compute(dtype, param_grads, monkeypatch):
+    # Four steps of two layers' windows, fresh inputs each: both forwards run before either
+    # backward, so each layer keeps a graph of its own. Each graph's first window runs outside
+    # any capture, its second captures the forward and backward loops, the last two replay
+    # them. Every backward runs twice (retain_graph). All is compared at the end, against the
+    # same windows launched directly (the weight-gradient atomics may add in another order), so
+    # a result left in a graph's buffers, overwritten by a later replay, fails.
     captures = []
     real_capture = lstm_kernels._capture
     monkeypatch.setattr(lstm_kernels, "_capture", lambda run: captures.append(1) or real_capture(run))
     monkeypatch.setattr(lstm_kernels, "_GRAPHS", lstm_kernels._WindowGraphs())
     set_dtype("fp32" if dtype == torch.float32 else "bf16")
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    got, want = [], []
     for _ in range(4):
-        _, args = make_lstm_inputs(dtype, generator, members=3, batch=37, steps=6, hidden=500)
-        args = [t.detach().cuda().requires_grad_() for t in args]
-        seeds = None
-        results = []
-        for cuda_graphs in (True, False):
-            outputs = kernels.rank1_lstm(*args, cuda_graphs=cuda_graphs)
-            seeds = seeds or [torch.randn(o.shape, device="cuda") for o in outputs]
-            grads = torch.autograd.grad(sum((o.float() * w).sum() for o, w in zip(outputs, seeds)), args)
-            results.append([o.detach() for o in outputs] + list(grads))
-        for got, want in zip(*results):
-            assert relative_error(got.double(), want.double()) < (1e-5 if dtype == torch.float32 else 1e-2)
-    assert len(captures) == 2
+        layers = []
+        for _ in range(2):
+            _, args = make_lstm_inputs(dtype, generator, members=3, batch=37, steps=6, hidden=500)
+            args = [t.detach().cuda().requires_grad_(param_grads or i not in (1, 2, 3)) for i, t in enumerate(args)]
+            layers.append((args, kernels.rank1_lstm(*args)))
+        for args, outputs in reversed(layers):
+            leaves = [t for t in args if t.requires_grad]
+            weights = [torch.randn(o.shape, device="cuda") for o in outputs]
+            loss = sum((o.float() * w).sum() for o, w in zip(outputs, weights))
+            grads = torch.autograd.grad(loss, leaves, retain_graph=True)
+            again = torch.autograd.grad(loss, leaves)
+            direct = kernels.rank1_lstm(*args, cuda_graphs=False)
+            direct_grads = torch.autograd.grad(sum((o.float() * w).sum() for o, w in zip(direct, weights)), leaves)
+            got += [o.detach() for o in outputs] + list(grads) + list(again)
+            want += [o.detach() for o in direct] + list(direct_grads) * 2
+    for a, b in zip(got, want, strict=True):
+        assert relative_error(a.double(), b.double()) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert len(captures) == 4  # each layer's graph: its forward and its backward loop
 
 
 def randomized_late_model(cfg: ModelConfig, members: int, seed: int) -> torch.nn.Module:

@@ -311,3 +311,59 @@ def test_a_window_dropped_before_its_backward_frees_its_graph(emulated_graphs):
     expected = reference(*(t.detach().double() for t in args))
     for got, want in zip(out, expected):
         assert relative_error(got, want) < TOLERANCE[torch.float32]
+
+
+def test_warm_up_runs_on_the_buffers_the_capture_records(emulated_graphs, monkeypatch):
+    # Triton specialises a kernel on its pointers' 16-byte alignment and on its strides; a capture
+    # meeting an unseen variant would compile inside the capture. So each loop's warm-up must
+    # see the layouts its capture records, incoming gradients included, which here arrive
+    # strided (the loss reads the outputs transposed).
+    calls = {"forward": [], "backward": []}
+    capturing = []
+
+    def spy(kind, run_window):
+        def spied(steps, flag, *tensors):
+            layout = [(t.data_ptr() % 16, t.shape, t.stride()) for t in tensors]
+            calls[kind].append((bool(capturing), layout))
+            return run_window(steps, flag, *tensors)
+        return spied
+
+    def capture(run, emulate=lstm_kernels._capture):
+        capturing.append(True)
+        try:
+            return emulate(run)
+        finally:
+            capturing.pop()
+
+    monkeypatch.setattr(lstm_kernels, "_forward_window", spy("forward", lstm_kernels._forward_window))
+    monkeypatch.setattr(lstm_kernels, "_backward_window", spy("backward", lstm_kernels._backward_window))
+    monkeypatch.setattr(lstm_kernels, "_capture", capture)
+    for seed in range(2):  # window 0 warms both loops up, window 1 captures both
+        args = fresh_args(50 + seed)
+        outputs = [o.transpose(0, 1) for o in window(args, True)]
+        window_grads(outputs, args, seed)
+    for kind in ("forward", "backward"):
+        warm_up = next(layout for captured, layout in calls[kind] if not captured)
+        recorded = next(layout for captured, layout in calls[kind] if captured)
+        assert warm_up == recorded, kind
+
+
+def test_a_second_backward_through_a_graphed_window_repeats_the_first(emulated_graphs):
+    # retain_graph=True: a window's activations stay in its graph after its backward, until the
+    # graph runs another window. Windows 0 to 2 cover the warm-up, the capture and a replay.
+    generator = torch.Generator().manual_seed(60)
+    for seed in range(3):
+        args = fresh_args(60 + seed)
+        outputs = window(args, True)
+        weights = [torch.randn(o.shape, generator=generator) for o in outputs]
+        loss = sum((o * w).sum() for o, w in zip(outputs, weights))
+        first = torch.autograd.grad(loss, args, retain_graph=True)
+        second = torch.autograd.grad(loss, args, retain_graph=True)
+        direct = torch.autograd.grad(sum((o * w).sum() for o, w in zip(window(args, False), weights)), args)
+        for a, b, c in zip(first, second, direct):
+            torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-6)
+    later = fresh_args(63)
+    window(later, True)  # the one graph (free since the backward) now holds another window
+    with pytest.raises(RuntimeError, match="retain_graph=True.*cuda_graphs=False"):
+        torch.autograd.grad(loss, args)
