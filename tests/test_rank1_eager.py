@@ -52,3 +52,22 @@ def test_eager_dispatch_picks_the_cheaper_form(rows, impl, folds, monkeypatch):
     assert calls == ["rank1_linear_folded" if folds else "rank1_linear_eager"]
     expected = reference(*(t.detach().double() for t in inputs))
     assert relative_error(out, expected) < 2e-6
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9 has one TF32 API")
+def test_float32_dots_follow_torch_tf32_setting_through_either_api():
+    # Once the newer fp32_precision is set, reading the legacy allow_tf32 raises in torch.
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    try:
+        for precision in ("tf32", "ieee"):
+            matmul.fp32_precision = precision
+            assert rank1._dot_args(torch.float32)["DOT_PRECISION"] == precision
+        matmul.fp32_precision = "none"
+        for allowed, precision in ((True, "tf32"), (False, "ieee")):
+            matmul.allow_tf32 = allowed
+            assert rank1._dot_args(torch.float32)["DOT_PRECISION"] == precision
+        assert rank1._dot_args(torch.bfloat16)["DOT_PRECISION"] == "tf32"  # only float32 has the choice
+    finally:
+        matmul.fp32_precision = "none"
+        matmul.allow_tf32 = saved
