@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -280,12 +280,22 @@ class Trainer:
 
     def _check_finite(self, nats: float) -> None:
         if not math.isfinite(nats):
-            last = latest_checkpoint(self.out_dir)
-            raise TrainingError(
-                f"the training loss became non-finite between steps {self.window['start_step'] + 1} and {self.step}; "
-                f"the last good checkpoint is {last or 'none (no checkpoint yet)'}: lower train.lr or set "
-                f"train.grad_clip, then rerun{' with --resume' if last else ''}"
-            )
+            self._stop(f"the training loss became non-finite between steps {self.window['start_step'] + 1} and {self.step}")
+
+    def _check_finite_weights(self) -> None:
+        """A non-finite gradient leaves the loss finite until the next step: before a checkpoint
+        is written, its weights and pending (shared-weight) gradients must be finite too."""
+        for name, p in self.unwrapped.named_parameters():
+            for what, t in (("weight", p), ("pending gradient", p.grad)):
+                if t is not None and not torch.isfinite(t).all():
+                    self._stop(f"a non-finite {what} appeared by step {self.step} (in {name})")
+
+    def _stop(self, problem: str) -> NoReturn:
+        last = latest_checkpoint(self.out_dir)
+        raise TrainingError(
+            f"{problem}; the last good checkpoint is {last or 'none (no checkpoint yet)'}: lower train.lr or set "
+            f"train.grad_clip, then rerun{' with --resume' if last else ''}"
+        )
 
     def _swa_due(self) -> bool:
         return self.swa is not None and self.step >= self.swa_start and (self.step - self.swa_start) % self.cfg.swa.every == 0
@@ -356,9 +366,10 @@ class Trainer:
     # Checkpoints, metrics
 
     def save(self) -> Path:
-        """Checkpoint the current step (after making sure the loss is still finite)."""
+        """Checkpoint the current step (after making sure the loss and the weights are still finite)."""
         nats = self.accelerator.reduce(self.window["nats"].clone(), reduction="sum").item()
         self._check_finite(nats)
+        self._check_finite_weights()
         state = {"phase": self.schedule.phase(self.step), "window_start_step": self.window["start_step"],
                  "config": config_to_dict(self.cfg)}
         main_tensors = {"stepper": self.stepper.state_dict(),

@@ -21,6 +21,7 @@ from data.tokenizer import ByteTokenizer, load_split
 from lm.checkpoint import latest_checkpoint, list_checkpoints
 from lm.config import load_config
 from lm.evaluate import evaluate_bpc
+from lm.late_phase import late_phase_parameters
 from lm.models import load_exported
 from lm.trainer import Trainer, TrainingError
 
@@ -270,6 +271,30 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, data_dir):
     assert latest_checkpoint(out).name == "step_0000004"
     assert all(torch.isfinite(t).all() for t in weights(out / "checkpoints/step_0000004/model.safetensors").values())
     assert not (out / "final").exists()
+
+
+@pytest.mark.parametrize("poisoned", ["member", "shared"])
+def test_non_finite_gradient_is_never_checkpointed(tmp_path, data_dir, poisoned):
+    # Step 8 (the 8th update) gets an infinite gradient, in a late-phase factor (the active
+    # member's row is stepped at once) or in a shared weight (pending until the member cycle
+    # ends at step 9). The loss of step 8 is still finite, but its checkpoint would hold NaN
+    # weights or gradients.
+    out = tmp_path / poisoned
+    trainer = Trainer(tiny_config(out, data_dir))
+    target = next(iter(late_phase_parameters(trainer.unwrapped))) if poisoned == "member" else \
+        trainer.unwrapped.decoder.weight
+    assert target.requires_grad
+    after_backward = trainer.stepper.after_backward
+
+    def poison(step):
+        if step == 7:
+            target.grad.fill_(math.inf)
+        after_backward(step)
+
+    trainer.stepper.after_backward = poison
+    with pytest.raises(TrainingError, match=r"non-finite .* by step 8 .*step_0000004.*--resume"):
+        trainer.fit()
+    assert latest_checkpoint(out).name == "step_0000004"
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
