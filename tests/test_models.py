@@ -16,9 +16,10 @@ from lm.late_phase import (
     Rank1Factors,
     average_members,
     build_optimizers,
+    is_plain,
     late_phase_parameters,
 )
-from lm.models import ExportError, build_model, detach_state, export, load_exported
+from lm.models import ExportError, build_model, detach_state, export, load_exported, plain_like
 
 from tests.test_late_phase import TINY as TINY_LATE_PHASE
 from tests.test_late_phase import fast_tiny_models, randomize_members  # noqa: F401 (autouse fixture)
@@ -150,6 +151,18 @@ def test_plain_model_member_arguments(family):
         model(x, None, "parallel")
     with pytest.raises(ValueError, match="out of range"):
         model(x, None, 1)
+
+
+@pytest.mark.parametrize("name", ["lstm", "transformer"])
+def test_plain_like_leaves_the_global_random_state_as_it_was(name):
+    # Evaluation and SWA build plain models mid-training; drawing from the global generator
+    # would change dropout, and so training, with the evaluation schedule.
+    model = late_model(name)
+    torch.manual_seed(torch.seed() % 2**31)
+    before = torch.get_rng_state()
+    plain = plain_like(model)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert is_plain(plain) and type(plain) is type(model)
 
 
 def test_bad_member_arguments_give_one_line_errors():

@@ -56,9 +56,13 @@ def build_model(model_cfg: ModelConfig, lp_cfg: LatePhaseConfig) -> nn.Module:
 
 
 def plain_like(model: nn.Module) -> nn.Module:
-    """A fresh plain model of the same architecture (and device) as `model`."""
+    """A fresh plain model of the same architecture (and device) as `model`.
+
+    Leaves the global random state as it was: evaluation and SWA build these during training,
+    and dropout must draw the same numbers whatever the evaluation schedule."""
     model = getattr(model, "module", model)
-    plain = build_model(model.cfg, LatePhaseConfig(mode="plain"))
+    with torch.random.fork_rng(devices=[]):  # built on the CPU: only the CPU generator is drawn from
+        plain = build_model(model.cfg, LatePhaseConfig(mode="plain"))
     reference = next(model.parameters())
     return plain.to(device=reference.device, dtype=reference.dtype)
 
