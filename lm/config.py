@@ -400,8 +400,9 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
              f"use a multiple of {num_processes}")
 
     if m.family == "transformer":
-        _require(m.d_model % m.n_heads == 0, "model.n_heads",
-                 f"d_model={m.d_model} is not divisible by n_heads={m.n_heads}")
+        _require(m.d_model % (2 * m.n_heads) == 0, "model.n_heads",
+                 f"d_model={m.d_model} is not n_heads={m.n_heads} times an even head size (rotary positions "
+                 f"rotate pairs of channels); pick n_heads so that d_model / n_heads is even")
         _require(t.seq_len <= m.max_seq_len, "train.seq_len",
                  f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower it or raise model.max_seq_len")
         _require(cfg.eval.context <= m.max_seq_len, "eval.context",

@@ -73,6 +73,7 @@ def test_int_and_fraction_steps_stay_distinct():
         (["train.batch_size=10", "train.grad_accum=3"], "train.batch_size"),
         (["late_phase.schedule=parallel", "late_phase.K=4", "train.batch_size=6"], "train.batch_size"),
         (["model.family=transformer", "model.n_heads=7"], "model.n_heads"),
+        (["model.family=transformer", "model.d_model=30", "model.n_heads=2"], "model.n_heads"),  # odd head size
         (["train.lr=-1"], "train.lr"),
         (["train.mixed_precision=fp16", "late_phase.mode=rank1"], "train.mixed_precision"),
         (["train.max_steps"], "train.max_steps"),
