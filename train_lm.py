@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="continue from the latest checkpoint in run.out_dir (same config and process count)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override a config value, e.g. train.max_steps=1000 late_phase.K=4 swa.enabled=true")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before and after the flags
 
 
 def main(argv: list[str] | None = None) -> int:
