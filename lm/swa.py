@@ -45,7 +45,8 @@ class WeightAverage:
     def state_dict(self) -> dict:
         return {"count": self.count, "sums": dict(self._sums), "dtypes": {k: str(v) for k, v in self._dtypes.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
+        """Restore a `state_dict`, with the sums on `device` (where the snapshots will come from)."""
         self.count = int(state["count"])
-        self._sums = dict(state["sums"])
+        self._sums = {name: total.to(device) for name, total in state["sums"].items()}
         self._dtypes = {k: getattr(torch, v.removeprefix("torch.")) for k, v in state["dtypes"].items()}

@@ -7,12 +7,14 @@ process runs the same schedule, `train.batch_size` is global and each process ta
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -321,8 +323,30 @@ class Trainer:
         plain.load_state_dict(self.swa.average())
         return plain
 
+    @contextlib.contextmanager
+    def _full_precision(self) -> Iterator[None]:
+        """Scores the trained model in float32, as the averaged and SWA copies (fresh models) and
+        `lm.evaluate` score theirs: for the while, its forward is the one from before
+        Accelerate's mixed-precision wrapper (`_original_forward`, which `prepare` keeps)."""
+        model = self.unwrapped
+        original = model.__dict__.get("_original_forward")
+        if original is None:  # no wrapper: a float32 run
+            yield
+            return
+        wrapped = model.forward
+        model.forward = original
+        try:
+            yield
+        finally:
+            model.forward = wrapped
+
     def evaluate(self, split: str, max_bytes: int | None, members: bool = False) -> dict[str, Any]:
-        """EvalResult of every model kind on `split` (its first `max_bytes` bytes; None: all of it)."""
+        """EvalResult of every model kind on `split` (its first `max_bytes` bytes; None: all of
+        it), all in float32 whatever the training precision."""
+        with self._full_precision():
+            return self._evaluate(split, max_bytes, members)
+
+    def _evaluate(self, split: str, max_bytes: int | None, members: bool) -> dict[str, Any]:
         cfg, data = self.cfg, self.splits[split]
         geometry = dict(family=cfg.model.family, batch_size=cfg.eval.batch_size, seq_len=cfg.train.seq_len,
                         context=cfg.eval.context, stride=cfg.eval.stride, byte_lengths=self.byte_lengths,
@@ -391,7 +415,7 @@ class Trainer:
         self.step = int(state["step"])
         self.stepper.load_state_dict(main_tensors["stepper"])
         if self.swa is not None and main_tensors["swa"] is not None:
-            self.swa.load_state_dict(main_tensors["swa"])
+            self.swa.load_state_dict(main_tensors["swa"], device=self.accelerator.device)  # trainer.pt loads on the CPU
         self.batches.load_state_dict(process_state["data"])
         device = self.accelerator.device
         self.states = [None if s is None else tuple(x.to(device) for x in s) for s in process_state["lstm_states"]]

@@ -348,6 +348,12 @@ def test_help_lists_usage(capsys):
     assert "--resume" in capsys.readouterr().out
 
 
+def test_overrides_may_come_before_and_after_the_flags():
+    args = train_lm.parse_args(["train.max_steps=20", "--resume", "run.out_dir=x", "--config", "c.yaml", "late_phase.K=2"])
+    assert args.resume and args.config == Path("c.yaml")
+    assert args.overrides == ["train.max_steps=20", "run.out_dir=x", "late_phase.K=2"]
+
+
 def test_mixed_precision_stays_on_after_evaluation_and_export(tmp_path, data_dir):
     cfg = tiny_config(tmp_path / "bf16", data_dir, "train.mixed_precision=bf16", "model.family=transformer",
                       "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=32",
@@ -361,6 +367,29 @@ def test_mixed_precision_stays_on_after_evaluation_and_export(tmp_path, data_dir
     dtypes.clear()
     trainer.train_step()
     assert dtypes == [torch.bfloat16]
+
+
+def test_every_kind_is_scored_in_float32_after_mixed_precision_training(tmp_path, data_dir, capsys):
+    # The members and the ensemble are scored through the trained model, the averaged and SWA
+    # models through fresh copies; all in float32, as `lm.evaluate` scores the exported ones.
+    from lm import evaluate
+
+    out = tmp_path / "bf16"
+    trainer = Trainer(tiny_config(out, data_dir, "train.mixed_precision=bf16", "model.family=transformer",
+                                  "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=32",
+                                  "eval.context=32", "eval.stride=16", "eval.members=true"))
+    scored = []
+    trainer.unwrapped.head.register_forward_hook(
+        lambda module, args, output: scored.append(output.dtype) if not module.training else None)
+    reported = trainer.fit()["test"]
+    assert set(scored) == {torch.float32}
+    reset_accelerate()  # the evaluation CLI builds its own Accelerator, in float32
+    assert evaluate.main(["--run", str(out), "--split", "test", "--models", "averaged,ensemble,members,swa",
+                          "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)["results"]
+    assert set(printed) == set(reported) == {"averaged", "ensemble", "member_0", "member_1", "member_2", "swa"}
+    for kind, result in printed.items():
+        assert result["bpc"] == pytest.approx(reported[kind], abs=1e-9), kind
 
 
 def test_readme_path_after_training_evaluate_and_plot(reference_run, tmp_path, capsys):
