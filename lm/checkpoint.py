@@ -101,20 +101,32 @@ def save_checkpoint(
     return final
 
 
+def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
+    """The readable metadata of checkpoint `path` (step, config, ...), without loading any tensor."""
+    state_file = Path(path) / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {STATE_FILE}); pick another one or start afresh")
+    return json.loads(state_file.read_text())
+
+
 def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Restore Accelerate's state from `path` (model, optimisers, RNG) and return
     (state, main_tensors, this process's process_state) for the trainer to apply."""
     path = Path(path)
-    state_file = path / STATE_FILE
-    if not state_file.is_file():
-        raise CheckpointError(f"{path}: not a complete checkpoint (no {STATE_FILE}); pick another one or start afresh")
-    state = json.loads(state_file.read_text())
+    state = read_checkpoint_state(path)
     if state["num_processes"] != accelerator.num_processes:
         raise CheckpointError(
             f"{path}: written by {state['num_processes']} process(es), resumed with {accelerator.num_processes}; "
             f"resume with the same number of processes (each owns its data streams)"
         )
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, KeyError, ValueError) as e:
+        # torch's "Error(s) in loading state_dict for M:" heads a list ("size mismatch for ..."): the first item says most.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        first = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+        raise CheckpointError(f"{path}: does not fit this model and optimiser ({first}); resume with the config "
+                              f"it was written with (in its {STATE_FILE}) or start a new run.out_dir") from e
     main_tensors = torch.load(path / MAIN_TENSORS_FILE, map_location="cpu", weights_only=True)
     process_state = torch.load(path / f"process_{accelerator.process_index}.pt", map_location="cpu", weights_only=True)
     return state, main_tensors, process_state

@@ -33,7 +33,13 @@ from data.enwik8 import prepare_enwik8
 from data.prepare import DataError, is_prepared, prepare_corpus
 from data.synthetic import prepare_synthetic
 from data.tokenizer import bits_per_byte, load_split, load_tokenizer
-from lm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from lm.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint_state,
+    save_checkpoint,
+)
 from lm.config import Config, ConfigError, config_to_dict, resolve_step, validate
 from lm.accelerator import make_accelerator, use_tf32
 from lm.evaluate import evaluate_bpc, token_limit
@@ -123,6 +129,14 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+# What a checkpoint's weights, optimiser state and data position mean: a resume must not change
+# these (nor any model.* key but how the members are computed, _MODEL_HOW).
+_FIXED_ON_RESUME = ("data.corpus", "data.synthetic_bytes", "data.tokenizer", "data.sp_vocab_size",
+                    "late_phase.mode", "late_phase.K", "late_phase.schedule",
+                    "train.batch_size", "train.seq_len", "train.optimizer")
+_MODEL_HOW = {"vocab_size", "lstm_members", "lstm_cuda_graphs", "linear_members"}
 
 
 class Trainer:
@@ -403,15 +417,38 @@ class Trainer:
         return save_checkpoint(self.accelerator, self.out_dir, self.step, state, main_tensors, process_state,
                                self.cfg.checkpoint.keep)
 
-    def _restore(self, path: Path) -> None:
-        state, main_tensors, process_state = load_checkpoint(self.accelerator, path)
-        saved = state["config"]
+    def _check_resumable(self, path: Path, state: dict[str, Any]) -> None:
+        """Refuse (one line) a config that changes what the checkpoint's weights, optimiser state and
+        data position mean, or moves T0 or swa.start across its step; note any other change."""
+        saved, current = state["config"], config_to_dict(self.cfg)
         saved["model"]["vocab_size"] = self.cfg.model.vocab_size
-        current = config_to_dict(self.cfg)
+        fixed = [*_FIXED_ON_RESUME, *(f"model.{k}" for k in current["model"] if k not in _MODEL_HOW)]
+        if self.cfg.model.family == "lstm":  # each accumulation micro-batch carries its own streams' state
+            fixed.append("train.grad_accum")
+        for key in fixed:
+            section, name = key.split(".")
+            was = saved.get(section, {}).get(name, current[section][name])  # absent: written before the key existed
+            if was != current[section][name]:
+                raise CheckpointError(f"{path} was written with {key}={was!r}, now {current[section][name]!r}; "
+                                      f"resume with {key}={was!r}, or start a new run.out_dir")
+        step = int(state["step"])
+        for key, enabled in (("late_phase.T0", self.cfg.late_phase.mode == "late_phase"),
+                             ("swa.start", self.cfg.swa.enabled)):
+            section, name = key.split(".")
+            was = resolve_step(saved[section][name], saved["train"]["max_steps"], key)
+            now = resolve_step(current[section][name], current["train"]["max_steps"], key)
+            if enabled and was != now and step >= min(was, now):
+                raise CheckpointError(
+                    f"{path} is at step {step}, and {key} was step {was} but is now step {now} (a fraction of "
+                    f"train.max_steps); give {key}={was} (a step) to keep it where the run has it")
         changed = [f"{s}.{k}" for s in current for k in current[s]
                    if s != "run" and current[s][k] != saved.get(s, {}).get(k)]
         if changed and self.accelerator.is_main_process:
             print(f"note: resuming {path} with changed settings: {', '.join(changed)}")
+
+    def _restore(self, path: Path) -> None:
+        self._check_resumable(path, read_checkpoint_state(path))
+        state, main_tensors, process_state = load_checkpoint(self.accelerator, path)
         self.step = int(state["step"])
         self.stepper.load_state_dict(main_tensors["stepper"])
         if self.swa is not None and main_tensors["swa"] is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -339,6 +340,38 @@ def test_missing_data_and_checkpoint_problems_are_one_line_errors(capsys, tmp_pa
 
     code, err = run_cli(capsys, "--config", str(SMOKE), *tiny_args(reference_run, data_dir))
     assert code == 2 and "--resume" in err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["late_phase.K=4"], r"written with late_phase.K=3, now 4; resume with late_phase.K=3"),
+    (["model.hidden_size=32"], r"written with model.hidden_size=16, now 32"),
+    (["train.grad_accum=2"], r"written with train.grad_accum=1, now 2"),
+    # T0 = 0.5 is step 6 of 12 (as the run had it), but step 12 of 24: the members spawned at 6.
+    (["late_phase.T0=0.5", "train.max_steps=24"], r"step 8, and late_phase.T0 was step 6 but is now step 12.*"
+                                                  r"late_phase.T0=6"),
+])
+def test_resume_refuses_settings_the_checkpoint_cannot_continue_with(capsys, tmp_path, data_dir, reference_run,
+                                                                     overrides, message):
+    out = tmp_path / "run"
+    shutil.copytree(reference_run / "checkpoints" / "step_0000008", out / "checkpoints" / "step_0000008")
+    code, err = run_cli(capsys, "--config", str(SMOKE), *tiny_args(out, data_dir), *overrides, "--resume")
+    assert code == 2 and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]  # nothing written
+
+
+def test_resume_of_a_checkpoint_that_does_not_fit_the_model_is_one_line(capsys, tmp_path, data_dir, reference_run):
+    # A checkpoint whose recorded config disagrees with its tensors (edited by hand, or written
+    # by an older version): the loader's error becomes one line.
+    out = tmp_path / "run"
+    checkpoint = out / "checkpoints" / "step_0000008"
+    shutil.copytree(reference_run / "checkpoints" / "step_0000008", checkpoint)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["config"]["model"]["hidden_size"] = 32
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    code, err = run_cli(capsys, "--config", str(SMOKE), *tiny_args(out, data_dir), "model.hidden_size=32", "--resume")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "does not fit this model" in err and "size mismatch" in err
 
 
 def test_help_lists_usage(capsys):
