@@ -344,7 +344,9 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
 
     for name in cfg.run.trackers:
         _require(name in TRACKERS, "run.trackers", f"{name!r} is not an Accelerate tracker; use some of {', '.join(TRACKERS)}")
-        _require(name in get_available_trackers(), "run.trackers",
+        # Accelerate lists the installed ones as LoggerType members (a plain Enum, not str).
+        installed = {getattr(tracker, "value", tracker) for tracker in get_available_trackers()}
+        _require(name in installed, "run.trackers",
                  f"{name!r} is not installed; pip install {name}, or remove it from run.trackers")
 
     t, lp, m = cfg.train, cfg.late_phase, cfg.model
@@ -360,7 +362,8 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
         ("data.synthetic_bytes", cfg.data.synthetic_bytes), ("data.sp_vocab_size", cfg.data.sp_vocab_size),
     ]:
         _require(value >= 1, key, f"must be >= 1, got {value}")
-    _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _require(0 <= t.warmup_steps < t.max_steps, "train.warmup_steps",
+             f"{t.warmup_steps} is not in [0, train.max_steps={t.max_steps}); the learning rate would never reach train.lr")
     _require(t.eval_bytes is None or t.eval_bytes >= 2, "train.eval_bytes", "must be >= 2 or null (whole split)")
     for key, value in [("train.lr", t.lr), ("late_phase.lr", lp.lr)]:
         _require(value is None or (math.isfinite(value) and value > 0), key, f"must be a positive number, got {value}")

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+from accelerate.utils import LoggerType
 
 from lm.config import (
     Config,
@@ -75,6 +76,7 @@ def test_int_and_fraction_steps_stay_distinct():
         (["model.family=transformer", "model.n_heads=7"], "model.n_heads"),
         (["model.family=transformer", "model.d_model=30", "model.n_heads=2"], "model.n_heads"),  # odd head size
         (["train.lr=-1"], "train.lr"),
+        (["train.warmup_steps=500", "train.max_steps=120"], "train.warmup_steps"),
         (["train.mixed_precision=fp16", "late_phase.mode=rank1"], "train.mixed_precision"),
         (["train.max_steps"], "train.max_steps"),
     ],
@@ -125,8 +127,14 @@ def test_yaml_12_booleans_keep_no_a_string(tmp_path):
         load_config(None, ["swa.enabled=yes"])
 
 
-def test_trackers_must_be_known_and_installed():
+def test_trackers_must_be_known_and_installed(monkeypatch):
     assert load_config(None, ["run.trackers=[]"]).run.trackers == []
+    # Accelerate reports installed trackers as LoggerType members.
+    monkeypatch.setattr("lm.config.get_available_trackers", lambda: [LoggerType.TENSORBOARD])
+    assert load_config(None, ["run.trackers=[tensorboard]"]).run.trackers == ["tensorboard"]
+    with pytest.raises(ConfigError, match=r"^run\.trackers: 'wandb' is not installed; pip install wandb"):
+        load_config(None, ["run.trackers=[wandb]"])
+    monkeypatch.undo()
     with pytest.raises(ConfigError, match=r"^run\.trackers: 'nope' is not an Accelerate tracker"):
         load_config(None, ["run.trackers=[nope]"])
     with pytest.raises(ConfigError, match=r"^run\.trackers: expected list\[str\]"):
