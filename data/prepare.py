@@ -142,8 +142,9 @@ def write_splits(data: bytes | np.ndarray, out_dir: str | os.PathLike, sizes: tu
         for temporary, final in temporaries:
             os.replace(temporary, final)
     except OSError as e:
-        raise DataError(f"could not write {out_dir}: {e.strerror or e}; free some space or "
-                        "choose another --out, then run again") from None
+        # Reached from `python -m data.prepare --out` and from training's data.dir alike.
+        raise DataError(f"could not write {out_dir}: {e.strerror or e}; make room there or pick another "
+                        "directory (--out, or data.dir when training), then run again") from None
     finally:
         for temporary, _ in temporaries:
             temporary.unlink(missing_ok=True)

@@ -88,8 +88,11 @@ def test_write_failure_or_ctrl_c_leaves_no_bin(tmp_path, corpus, monkeypatch, fa
 
     real_write = prepare._write_temporary
     monkeypatch.setattr(prepare, "_write_temporary", fail_on_third_file)
-    with pytest.raises(raised):
+    with pytest.raises(raised) as info:
         write_splits(corpus, tmp_path, split_sizes(len(corpus)), {"corpus": "test"})
+    if raised is DataError:  # the fix for either way here: `data.prepare --out` or training's data.dir
+        assert str(info.value) == (f"could not write {tmp_path}: No space left on device; make room there or pick "
+                                   "another directory (--out, or data.dir when training), then run again")
     assert calls[:3] == ["train.bin", "valid.bin", "test.bin"]
     assert list(tmp_path.iterdir()) == []
 
