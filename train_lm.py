@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             print("error: interrupted; the last checkpoint is intact, continue with --resume", file=sys.stderr)
         return 130
     if speaks:
-        summary = ", ".join(f"{kind} {bpc:.4f}" for kind, bpc in results["test"].items())
-        print(f"test bpc: {summary} -> {cfg.run.out_dir}/results.json")
+        for split in ("valid", "test"):
+            summary = ", ".join(f"{kind} {bpc:.4f}" for kind, bpc in results[split].items())
+            print(f"{split} bpc ({results['n_bytes'][split]:,} bytes): {summary}")
+        print(f"-> {cfg.run.out_dir}/results.json")
     return 0
 
 

@@ -254,24 +254,27 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to train.max_steps with logging, validation, SWA and checkpoints; export and test at the end."""
         t, every = self.cfg.train, self.cfg.checkpoint.every
-        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step",
-                   disable=not self.is_main, dynamic_ncols=True)
-        while self.step < t.max_steps:
-            self.train_step()
-            bar.update(1)
-            record: dict[str, Any] = {}
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                record.update(self._train_stats())
-                bar.set_postfix(bpc=f"{record['train_bpc']:.3f}", chars_per_s=f"{record['chars_per_s']:,.0f}")
-            if self._swa_due():
-                self.swa.update(self.averaged_model().state_dict())
-            if self.step % t.eval_every == 0:
-                record["valid_bpc"] = {kind: r.bpc for kind, r in self.evaluate("valid", t.eval_bytes).items()}
-            if record:
-                self._log({"step": self.step, **record})
-            if self.step % every == 0 or self.step == t.max_steps:
-                self.save()
-        bar.close()
+        # The bar is closed on any exit, so an error message starts on a line of its own.
+        with tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step",
+                  disable=not self.is_main, dynamic_ncols=True) as bar:
+            while self.step < t.max_steps:
+                self.train_step()
+                bar.update(1)
+                record: dict[str, Any] = {}
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    record.update(self._train_stats())
+                    bar.set_postfix(bpc=f"{record['train_bpc']:.3f}", chars_per_s=f"{record['chars_per_s']:,.0f}")
+                if self._swa_due():
+                    self.swa.update(self.averaged_model().state_dict())
+                if self.step % t.eval_every == 0:
+                    record["valid_bpc"] = {kind: r.bpc for kind, r in self.evaluate("valid", t.eval_bytes).items()}
+                    if self.is_main:
+                        bar.write(f"step {self.step}: valid bpc " +
+                                  ", ".join(f"{kind} {bpc:.4f}" for kind, bpc in record["valid_bpc"].items()))
+                if record:
+                    self._log({"step": self.step, **record})
+                if self.step % every == 0 or self.step == t.max_steps:
+                    self.save()
         # A sequential late phase that stops mid-cycle still applies its pending shared gradients
         # (after the last checkpoint, so a run resumed from it ends the same way).
         self.stepper.flush()
@@ -432,6 +435,11 @@ class Trainer:
                 raise CheckpointError(f"{path} was written with {key}={was!r}, now {current[section][name]!r}; "
                                       f"resume with {key}={was!r}, or start a new run.out_dir")
         step = int(state["step"])
+        if step > self.cfg.train.max_steps:
+            raise CheckpointError(f"{path} is at step {step}, past train.max_steps={self.cfg.train.max_steps}; "
+                                  f"give train.max_steps >= {step} to resume it")
+        if step == self.cfg.train.max_steps and self.accelerator.is_main_process:
+            print(f"note: {path} is the run's last step; exporting final/ and scoring it again")
         for key, enabled in (("late_phase.T0", self.cfg.late_phase.mode == "late_phase"),
                              ("swa.start", self.cfg.swa.enabled)):
             section, name = key.split(".")

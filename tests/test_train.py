@@ -349,6 +349,7 @@ def test_missing_data_and_checkpoint_problems_are_one_line_errors(capsys, tmp_pa
     # T0 = 0.5 is step 6 of 12 (as the run had it), but step 12 of 24: the members spawned at 6.
     (["late_phase.T0=0.5", "train.max_steps=24"], r"step 8, and late_phase.T0 was step 6 but is now step 12.*"
                                                   r"late_phase.T0=6"),
+    (["train.max_steps=7", "swa.start=6"], r"at step 8, past train.max_steps=7; give train.max_steps >= 8"),
 ])
 def test_resume_refuses_settings_the_checkpoint_cannot_continue_with(capsys, tmp_path, data_dir, reference_run,
                                                                      overrides, message):
@@ -372,6 +373,29 @@ def test_resume_of_a_checkpoint_that_does_not_fit_the_model_is_one_line(capsys, 
     code, err = run_cli(capsys, "--config", str(SMOKE), *tiny_args(out, data_dir), "model.hidden_size=32", "--resume")
     assert code == 2 and err.count("\n") == 1, err
     assert "does not fit this model" in err and "size mismatch" in err
+
+
+def test_cli_prints_valid_and_test_bpc_with_the_bytes_scored(capsys, tmp_path, data_dir, reference_run):
+    # Resuming a finished run exports and scores it again, and says so.
+    out = tmp_path / "finished"
+    shutil.copytree(reference_run, out)
+    assert train_lm.main(["--config", str(SMOKE), *tiny_args(out, data_dir), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert "is the run's last step" in printed
+    for split in ("valid", "test"):
+        kinds = ", ".join(f"{kind} {bpc:.4f}" for kind, bpc in results[split].items())
+        assert f"{split} bpc ({results['n_bytes'][split]:,} bytes): {kinds}\n" in printed
+
+
+def test_periodic_validation_is_printed_as_logged(capsys, tmp_path, data_dir):
+    out = tmp_path / "run"
+    Trainer(tiny_config(out, data_dir)).fit()
+    printed = capsys.readouterr().out
+    for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
+        if "valid_bpc" in record:
+            kinds = ", ".join(f"{kind} {bpc:.4f}" for kind, bpc in record["valid_bpc"].items())
+            assert f"step {record['step']}: valid bpc {kinds}\n" in printed
 
 
 def test_help_lists_usage(capsys):
