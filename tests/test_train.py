@@ -441,6 +441,7 @@ def test_every_kind_is_scored_in_float32_after_mixed_precision_training(tmp_path
     reported = trainer.fit()["test"]
     assert set(scored) == {torch.float32}
     reset_accelerate()  # the evaluation CLI builds its own Accelerator, in float32
+    capsys.readouterr()  # training's own lines
     assert evaluate.main(["--run", str(out), "--split", "test", "--models", "averaged,ensemble,members,swa",
                           "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)["results"]
