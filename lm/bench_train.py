@@ -181,10 +181,14 @@ def bench(cfg: Config, steps: int, warmup: int, repeats: int,
         for step in steppers.values():
             for _ in range(warmup):
                 step()
-        best = {name: 0.0 for name in steppers}
+        rounds: dict[str, list[float]] = {name: [] for name in steppers}
         for _ in range(repeats):
             for name, step in steppers.items():
-                best[name] = max(best[name], measure_chars_per_second(step, steps, accelerator.device))
+                rounds[name].append(measure_chars_per_second(step, steps, accelerator.device))
+        best = {name: max(speeds) for name, speeds in rounds.items()}
+        note = spread_note(rounds)
+        if note:
+            notes.append(note)
         if profile_steps:
             notes.extend(profile(name, step, profile_steps, accelerator.device) for name, step in steppers.items())
     if cfg.model.family == "lstm" and cfg.late_phase.mode == "late_phase":
@@ -192,6 +196,20 @@ def bench(cfg: Config, steps: int, warmup: int, repeats: int,
         notes.insert(0, f"model.lstm_members=auto takes {way} for the parallel schedule here "
                         f"({cfg.model.hidden_size} hidden units on {accelerator.device.type})")
     return best, notes, accelerator.device
+
+
+# Rounds of one variant further apart than this mean the machine was busy while timing.
+SPREAD_WARNING = 0.1
+
+
+def spread_note(rounds: dict[str, list[float]]) -> str | None:
+    """A warning when some variant's slowest round is more than SPREAD_WARNING below its fastest."""
+    spreads = {name: 1 - min(speeds) / max(speeds) for name, speeds in rounds.items() if len(speeds) > 1}
+    if not spreads or max(spreads.values()) <= SPREAD_WARNING:
+        return None
+    name = max(spreads, key=spreads.get)
+    return (f"rounds of {name} differ by {100 * spreads[name]:.0f}% (slowest vs fastest): something else may "
+            f"have been running; the best round is reported, rerun with more --repeats on an idle machine")
 
 
 def profile(name: str, step: Callable[[], int], steps: int, device: torch.device) -> str:

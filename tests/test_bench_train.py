@@ -46,6 +46,12 @@ def test_measured_chars_per_second_is_bytes_over_wall_time(monkeypatch):
     assert bench_train.measure_chars_per_second(lambda: next(sizes), 3, bench_train.torch.device("cpu")) == 1000 / 2.5
 
 
+def test_rounds_far_apart_are_flagged():
+    assert bench_train.spread_note({"plain": [100.0, 95.0, 91.0], "sequential": [80.0]}) is None  # 9% apart
+    note = bench_train.spread_note({"plain": [100.0, 95.0], "parallel": [50.0, 40.0, 49.0]})
+    assert note.startswith("rounds of parallel differ by 20% (slowest vs fastest)")
+
+
 def test_variants_time_the_late_phase_itself(tmp_path):
     cfg = load_config(SMOKE, tiny_overrides(tmp_path) + ["train.batch_size=10", "swa.enabled=true"])
     variants = bench_train.variants(cfg)
