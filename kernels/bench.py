@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+from kernels.cli import positive_int
 from kernels.rank1 import interpreting, rank1_linear, rank1_linear_eager, rank1_linear_folded, tf32_matmuls
 
 # (name, d_in, d_out): the paper's LSTM gate matrices (4H x d_in with H = 500) and the
@@ -318,9 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", nargs="+", choices=[name for name, _, _ in LAYERS], metavar="LAYER",
                         help="time only these layers, to split a long run into parts (default: all of the grid's; "
                              f"choices: {' '.join(name for name, _, _ in LAYERS)})")
-    parser.add_argument("--members", nargs="+", type=int, metavar="K",
+    parser.add_argument("--members", nargs="+", type=positive_int, metavar="K",
                         help=f"time only these K (default: {' '.join(map(str, MEMBERS))})")
-    parser.add_argument("--rows", nargs="+", type=int, metavar="M",
+    parser.add_argument("--rows", nargs="+", type=positive_int, metavar="M",
                         help=f"time only these rows per member (default: {' '.join(map(str, ROWS))})")
     parser.add_argument("--out", default="rank1_bench", help="output prefix: writes OUT.json and OUT.csv")
     parser.add_argument("--check-only", action="store_true", help=argparse.SUPPRESS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from data.batches import EvalBatch, count_scored, stream_eval_batches, window_eval_batches
 from data.prepare import DataError
 from data.tokenizer import bits_per_byte, load_split, load_tokenizer
+from kernels.cli import positive_int
 from lm.accelerator import exit_process, make_accelerator, use_tf32
 from lm.config import Config, ConfigError, config_from_dict, load_config
 from lm.late_phase import ensemble_log_probs, num_members
@@ -78,13 +80,16 @@ def evaluate_bpc(
     batches = _eval_batches(data, family, batch_size, seq_len, context, stride, rank, world_size, max_tokens)
     token_bytes = None if byte_lengths is None else torch.as_tensor(np.asarray(byte_lengths), dtype=torch.int64, device=device)
 
-    n_tokens = len(data) if max_tokens is None else min(len(data), max_tokens)
+    show = progress is not None and rank == 0
     bar = tqdm(
-        total=count_scored(n_tokens) // world_size,
+        # Bytes, not tokens: bpc is per byte and the CLI reports bytes scored.
+        total=_bytes_to_score(data, max_tokens, byte_lengths) // world_size if show else None,
         desc=progress,
-        unit="tok",
+        unit="B",
         unit_scale=True,
-        disable=progress is None or rank != 0,
+        # None: no bar when stderr is not a terminal, where its redraws and final erase would
+        # leave lines of carriage returns and spaces in logs.
+        disable=None if show else True,
         leave=False,
     )
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, bytes, targets
@@ -101,11 +106,12 @@ def evaluate_bpc(
                 inputs, targets, mask = (t.to(device, non_blocking=True) for t in batch[:3])
                 nll, state = _target_nats(model, inputs, targets, state, member)
                 n_scored = mask.sum()
+                batch_bytes = n_scored if token_bytes is None else torch.where(mask, token_bytes[targets], 0).sum()
                 totals[0] += torch.where(mask, nll.double(), 0.0).sum()
-                totals[1] += n_scored if token_bytes is None else torch.where(mask, token_bytes[targets], 0).sum()
+                totals[1] += batch_bytes
                 totals[2] += n_scored
                 if not bar.disable:
-                    bar.update(int(n_scored))
+                    bar.update(int(batch_bytes))
     finally:
         model.train(was_training)
         bar.close()
@@ -119,6 +125,14 @@ def evaluate_bpc(
     if n_targets == 0:
         raise EvalError("nothing to score: the split has fewer than 2 tokens; use a larger split or --max-bytes")
     return EvalResult(bpc=bits_per_byte(nats, n_bytes), nats=nats, n_bytes=n_bytes, n_targets=n_targets)
+
+
+def _bytes_to_score(data: np.ndarray, max_tokens: int | None, byte_lengths: np.ndarray | None) -> int:
+    """Bytes that the targets of a whole pass over data[:max_tokens] stand for (the first token is no target)."""
+    n_tokens = len(data) if max_tokens is None else min(len(data), max_tokens)
+    if byte_lengths is None:
+        return count_scored(n_tokens)
+    return int(np.asarray(byte_lengths)[np.asarray(data[1:n_tokens])].sum())
 
 
 def _eval_batches(data, family, batch_size, seq_len, context, stride, rank, world_size, max_tokens) -> Iterator[EvalBatch]:
@@ -177,6 +191,13 @@ def find_models(path: Path) -> ModelSource:
     root = path.parent if path.name == "final" and not (path / "final").is_dir() else path
     final = root / "final"
     if not final.is_dir():
+        if (root / "checkpoints").is_dir() and (root / "config.yaml").is_file():
+            # The run's own config and directory, whatever the working directory and its saved run.out_dir.
+            raise EvalError(
+                f"{root} is an unfinished run (it has checkpoints/ but no final/): finish it with "
+                f"python train_lm.py --config {shlex.quote(str(root / 'config.yaml'))} "
+                f"run.out_dir={shlex.quote(str(root))} --resume"
+            )
         raise EvalError(
             f"{path} has no final/ directory and no config.json + model.safetensors: "
             "pass a finished run's out_dir or an exported model directory"
@@ -233,8 +254,9 @@ def evaluate_run(
     stride: int | None = None,
     accelerator=None,
     progress: bool = False,
-) -> tuple[dict[str, EvalResult], list[str]]:
-    """Evaluate the requested model kinds of `path` on `split`: (results by row name, notes).
+) -> tuple[dict[str, EvalResult], list[str], int]:
+    """Evaluate the requested model kinds of `path` on `split`: (results by row name, notes, bytes of
+    the split evaluated: all of them, or the first `max_bytes`).
 
     `kinds` None means every default kind the directory has (unavailable ones become notes);
     an explicitly requested kind that the directory lacks is an error.
@@ -246,6 +268,8 @@ def evaluate_run(
         wanted = [k for k in DEFAULT_KINDS if k in available]
         notes += [f"no {k} model in {path}; skipped" for k in DEFAULT_KINDS if k not in available]
     else:
+        if not kinds:
+            raise EvalError(f"--models names no model kind; choose from {','.join(MODEL_KINDS)}")
         for kind in kinds:
             if kind not in MODEL_KINDS:
                 raise EvalError(f"unknown model kind {kind!r} in --models; choose from {','.join(MODEL_KINDS)}")
@@ -258,24 +282,33 @@ def evaluate_run(
         raise EvalError(f"--max-bytes {max_bytes}: need at least 2 bytes (the first byte is never scored)")
 
     cfg = source.cfg
+    # Errors name each window setting as the user gave it: a flag, or the run's config.
+    context_name = "eval.context" if context is None else "--context"
+    stride_name = "eval.stride" if stride is None else "--stride"
+    context = cfg.eval.context if context is None else context
+    stride = cfg.eval.stride if stride is None else stride
+    if cfg.model.family == "transformer":
+        if context > cfg.model.max_seq_len:
+            raise EvalError(f"{context_name} {context} is longer than the model's max_seq_len "
+                            f"{cfg.model.max_seq_len}; pass a shorter --context")
+        if stride > context:
+            raise EvalError(f"{stride_name} {stride} is longer than {context_name} {context}, so bytes between "
+                            f"windows would go unscored; pass --stride {context} or less")
     use_tf32(cfg.train.tf32)  # the precision the run trained in
     data_path = Path(data_dir if data_dir is not None else cfg.data.dir).expanduser()
-    if not (data_path / f"{split}.bin").is_file():
+    split_file = data_path / f"{split}.bin"
+    if not split_file.is_file():
         raise EvalError(
             f"no {split}.bin in data directory {data_path}: pass --data-dir DIR with the run's prepared splits"
         )
     tokenizer = load_tokenizer(data_path, cfg.data.tokenizer, cfg.data.sp_vocab_size)
     data = load_split(data_path, split, tokenizer)
-    context = cfg.eval.context if context is None else context
-    if cfg.model.family == "transformer" and context > cfg.model.max_seq_len:
-        raise EvalError(f"--context {context} is longer than the model's max_seq_len {cfg.model.max_seq_len}; "
-                        "pass a shorter --context")
     geometry = dict(
         family=cfg.model.family,
         batch_size=cfg.eval.batch_size if batch_size is None else batch_size,
         seq_len=cfg.train.seq_len,
         context=context,
-        stride=cfg.eval.stride if stride is None else stride,
+        stride=stride,
         byte_lengths=tokenizer.byte_lengths,
         max_tokens=token_limit(data, tokenizer.byte_lengths, max_bytes),
         accelerator=accelerator,
@@ -293,7 +326,8 @@ def evaluate_run(
             rows = {f"member_{k}": k for k in range(num_members(model))}
         for name, member in rows.items():
             results[name] = evaluate_bpc(model, data, member=member, progress=name if progress else None, **geometry)
-    return results, notes
+    split_bytes = split_file.stat().st_size
+    return results, notes, split_bytes if max_bytes is None else min(split_bytes, max_bytes)
 
 
 def format_table(results: dict[str, EvalResult]) -> str:
@@ -303,11 +337,15 @@ def format_table(results: dict[str, EvalResult]) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def coverage_line(split: str, n_bytes: int, split_bytes: int, max_bytes_given: bool) -> str:
+    """How many of the split's bytes were scored, and why the rest were not."""
+    line = f"{split} split: {n_bytes:,} of {split_bytes:,} bytes scored"
+    if split_bytes - n_bytes == 1:
+        return f"{line} (every byte but the first, which has no context)"
+    # A multi-byte first token (SentencePiece) leaves all of its bytes unscored, and --max-bytes
+    # keeps whole tokens only.
+    cut = ", nor a token cut by --max-bytes" if max_bytes_given else ""
+    return f"{line} (not the first token, which has no context{cut})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,13 +365,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated kinds from {','.join(MODEL_KINDS)} (default: those of "
         f"{','.join(DEFAULT_KINDS)} that the run has; members = each member separately)",
     )
-    parser.add_argument("--max-bytes", type=_positive_int, default=None, help="score only the first N bytes of the split")
+    parser.add_argument("--max-bytes", type=positive_int, default=None,
+                        help="score only the first N bytes of the split")
     parser.add_argument("--data-dir", default=None, help="prepared data directory (default: the run's data.dir)")
-    parser.add_argument("--batch-size", type=_positive_int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="streams/windows per batch, over all processes (default eval.batch_size)")
-    parser.add_argument("--context", type=_positive_int, default=None,
+    parser.add_argument("--context", type=positive_int, default=None,
                         help="Transformer window length (default eval.context)")
-    parser.add_argument("--stride", type=_positive_int, default=None,
+    parser.add_argument("--stride", type=positive_int, default=None,
                         help="Transformer window stride, <= context (default eval.stride)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
@@ -345,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         kinds = None if args.models is None else [k.strip() for k in args.models.split(",") if k.strip()]
-        results, notes = evaluate_run(
+        results, notes, split_bytes = evaluate_run(
             args.run,
             split=args.split,
             kinds=kinds,
@@ -365,15 +404,15 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.end_training()  # Accelerate's end of a script: closes the process group
     if not accelerator.is_main_process:
         return 0
+    if args.json:  # the notes go in the JSON only, so they are printed once
+        print(json.dumps({"run": str(args.run), "split": args.split, "split_bytes": split_bytes, "notes": notes,
+                          "results": {name: asdict(r) for name, r in results.items()}}, indent=2))
+        return 0
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    if args.json:
-        print(json.dumps({"run": str(args.run), "split": args.split, "notes": notes,
-                          "results": {name: asdict(r) for name, r in results.items()}}, indent=2))
-    else:
-        n_bytes = next(iter(results.values())).n_bytes if results else 0
-        print(f"{args.split} split: {n_bytes:,} bytes scored (every byte but the first, which has no context)")
-        print(format_table(results))
+    n_bytes = next(iter(results.values())).n_bytes
+    print(coverage_line(args.split, n_bytes, split_bytes, args.max_bytes is not None))
+    print(format_table(results))
     return 0
 
 

@@ -1,6 +1,6 @@
-"""Training curves of a run (`python -m lm.plot --run OUT`).
+"""Training curves of a run (`python -m lm.plot --run RUN`).
 
-Reads OUT/metrics.jsonl and OUT/config.yaml and draws train bpc and the valid bpc of every
+Reads RUN/metrics.jsonl and RUN/config.yaml and draws train bpc and the valid bpc of every
 model kind against the step, with the late-phase switch (T0) and the start of SWA marked.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from lm.config import Config, ConfigError, load_config, resolve_step  # noqa: E402
@@ -66,8 +67,11 @@ def bpc_figure(cfg: Config, records: list[dict], title: str) -> Figure:
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     if train:
         ax.plot(*zip(*train), label="train", color="0.55", linewidth=1.0)
+    # Without late-phase members the "averaged" model is the trained model itself.
+    plain_kind = "averaged" if cfg.late_phase.mode != "late_phase" else None
     for kind, points in sorted(valid.items()):
-        ax.plot(*zip(*points), label=f"valid ({kind})", marker="o", markersize=3, linewidth=1.5)
+        label = "valid" if kind == plain_kind else f"valid ({kind})"
+        ax.plot(*zip(*points), label=label, marker="o", markersize=3, linewidth=1.5)
     for (name, step), style in zip(phase_markers(cfg).items(), ("--", ":")):
         ax.axvline(step, color="black", linestyle=style, linewidth=1.0, label=f"{name} (step {step})")
     ax.set_xlabel("step")
@@ -80,7 +84,8 @@ def bpc_figure(cfg: Config, records: list[dict], title: str) -> Figure:
 
 
 def plot_run(run: Path, out: Path | None = None) -> Path:
-    """Write the run's bpc-vs-step PNG (atomically; default OUT/bpc.png) and return its path."""
+    """Write the run's bpc-vs-step plot (atomically; default RUN/bpc.png; the suffix of `out` picks
+    the image format) and return its path."""
     if not run.is_dir():
         raise PlotError(f"{run} is not a directory: pass --run with a training run's out_dir")
     if not (run / "config.yaml").is_file():
@@ -88,13 +93,22 @@ def plot_run(run: Path, out: Path | None = None) -> Path:
     out = out if out is not None else run / "bpc.png"
     if not out.parent.is_dir():
         raise PlotError(f"cannot write {out}: directory {out.parent} does not exist; create it or pick another --out")
+    # Given explicitly, because the temporary file's name below has no image suffix to infer it from.
+    image_format = out.suffix.lower().removeprefix(".")
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if image_format not in formats:
+        problem = f"{out.suffix} is no image format matplotlib writes" if out.suffix else "no suffix names its format"
+        raise PlotError(f"cannot write {out}: {problem}; end --out in one of {', '.join('.' + f for f in formats)}")
     cfg = load_config(str(run / "config.yaml"), [])
     fig = bpc_figure(cfg, read_metrics(run / "metrics.jsonl"),
                      f"{run.resolve().name}: {cfg.model.family}, {cfg.late_phase.mode}")
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format=image_format)
         os.replace(tmp, out)
+    except (OSError, RuntimeError) as e:  # e.g. no permission, or .pgf without a TeX install
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise PlotError(f"cannot write {out} ({reason}); pick another --out") from None
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
@@ -104,11 +118,13 @@ def plot_run(run: Path, out: Path | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lm.plot",
-        description="PNG of train and valid bits per character against step for a training run, "
+        description="Plot train and valid bits per character against step for a training run, "
         "with T0 (late-phase switch) and the SWA start marked.",
     )
     parser.add_argument("--run", required=True, type=Path, help="the run's out_dir (has metrics.jsonl, config.yaml)")
-    parser.add_argument("--out", type=Path, default=None, help="PNG to write (default OUT/bpc.png)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="image to write, in the format its suffix names: .png, .pdf, .svg, ... "
+                        "(default RUN/bpc.png)")
     args = parser.parse_args(argv)
     try:
         path = plot_run(args.run, args.out)

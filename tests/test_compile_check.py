@@ -14,7 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kernels import lstm, rank1
+import pytest
+
+from kernels import compile_check, lstm, rank1
 from kernels.compile_check import MATMUL_KERNELS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,3 +49,16 @@ def test_every_kernel_and_config_compiles_for_sm90_and_sm80(tmp_path):
     assert all(r["wgmma"] for r in forward_bf16_sm90)
     # Ampere has no wgmma: the check really reads the generated PTX.
     assert not any(r["wgmma"] for r in results if r["arch"] == 80)
+
+
+@pytest.mark.parametrize("jobs", ["0", "-2"])
+def test_jobs_must_be_positive(capsys, monkeypatch, jobs):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the arguments were accepted")
+
+    monkeypatch.setattr(compile_check, "run_checks", must_not_run)
+    with pytest.raises(SystemExit) as exit_info:
+        compile_check.main(["--jobs", jobs])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m kernels.compile_check: error: argument --jobs: must be >= 1, got {jobs}")

@@ -313,7 +313,8 @@ def test_two_processes_give_the_same_totals_as_one(tmp_path):
 # --------------------------------------------------------------------------- CLI on run / exported dirs
 
 
-def make_run_dir(root: Path, *, swa: bool = True, family: str = "lstm") -> tuple[Path, dict]:
+def make_run_dir(root: Path, *, swa: bool = True, family: str = "lstm",
+                 overrides: tuple[str, ...] = ()) -> tuple[Path, dict]:
     """A finished run as train_lm.py leaves it (config.yaml, final/ with averaged, members, swa),
     built from lm.models directly with random member factors; returns the models by kind too."""
     import yaml
@@ -325,10 +326,10 @@ def make_run_dir(root: Path, *, swa: bool = True, family: str = "lstm") -> tuple
     from lm.models import build_model, export
 
     data_dir = prepare_synthetic(root / "data", 24_000, seed=11)
-    overrides = [f"data.dir={data_dir}", "late_phase.K=3", f"swa.enabled={str(swa).lower()}", "eval.batch_size=4",
-                 f"model.family={family}", "model.d_model=16", "model.n_heads=2", "model.n_layers=1",
-                 "model.max_seq_len=64", "train.seq_len=32", "eval.context=32", "eval.stride=16"]
-    cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
+    settings = [f"data.dir={data_dir}", "late_phase.K=3", f"swa.enabled={str(swa).lower()}", "eval.batch_size=4",
+                f"model.family={family}", "model.d_model=16", "model.n_heads=2", "model.n_layers=1",
+                "model.max_seq_len=64", "train.seq_len=32", "eval.context=32", "eval.stride=16", *overrides]
+    cfg = load_config(REPO / "configs" / "smoke.yaml", settings)
     run = root / "run"
     (run / "final").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
@@ -395,7 +396,7 @@ def test_cli_scores_each_kind_of_a_run_with_its_own_model(run_dir, capsys):
     code, out, _ = run_cli(["--run", str(run), "--models", "members", "--split", "test", "--max-bytes", "700"], capsys)
     assert code == 0
     lines = out.strip().splitlines()
-    assert "699 bytes scored" in lines[0]
+    assert lines[0] == "test split: 699 of 700 bytes scored (every byte but the first, which has no context)"
     assert [line.split()[0] for line in lines[2:]] == ["member_0", "member_1", "member_2"]
     for k, line in enumerate(lines[2:]):
         bpc, scored = line.split()[1:]
@@ -405,11 +406,18 @@ def test_cli_scores_each_kind_of_a_run_with_its_own_model(run_dir, capsys):
 
 def test_cli_on_an_exported_directory(run_dir, capsys):
     run, models = run_dir
-    code, out, _ = run_cli(["--run", str(run / "final" / "averaged"), "--json"], capsys)
+    exported = run / "final" / "averaged"
+    code, out, err = run_cli(["--run", str(exported), "--json"], capsys)
     assert code == 0
-    report = json.loads(out)["results"]
-    assert list(report) == ["averaged"]
-    assert report["averaged"]["bpc"] == pytest.approx(direct(run, models["averaged"], 0).bpc, abs=1e-9)
+    report = json.loads(out)
+    assert report["results"].keys() == {"averaged"}
+    assert report["results"]["averaged"]["bpc"] == pytest.approx(direct(run, models["averaged"], 0).bpc, abs=1e-9)
+    # The notes are printed once: in the JSON, not on stderr as well.
+    assert report["notes"] == [f"no ensemble model in {exported}; skipped", f"no swa model in {exported}; skipped"]
+    assert err == ""
+    code, _, err = run_cli(["--run", str(exported), "--max-bytes", "300"], capsys)
+    assert code == 0
+    assert err.splitlines() == [f"note: {note}" for note in report["notes"]]
 
 
 def test_cli_transformer_run_without_swa_notes_the_missing_kind(tmp_path, capsys):
@@ -424,7 +432,7 @@ def test_cli_transformer_run_without_swa_notes_the_missing_kind(tmp_path, capsys
     assert code == 2 and err.startswith("error: --models swa") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("case", ["missing", "not_a_run", "bad_kind", "bad_data_dir", "corrupt_weights"])
+@pytest.mark.parametrize("case", ["missing", "not_a_run", "bad_kind", "no_kind", "bad_data_dir", "corrupt_weights"])
 def test_cli_errors_are_one_line(run_dir, tmp_path, capsys, case):
     run, _ = run_dir
     if case == "corrupt_weights":
@@ -433,8 +441,91 @@ def test_cli_errors_are_one_line(run_dir, tmp_path, capsys, case):
     args = {"missing": ["--run", str(tmp_path / "nope")],
             "not_a_run": ["--run", str(tmp_path)],
             "bad_kind": ["--run", str(run), "--models", "averaged,best"],
+            "no_kind": ["--run", str(run), "--models", ","],
             "bad_data_dir": ["--run", str(run), "--data-dir", str(tmp_path)],
             "corrupt_weights": ["--run", str(tmp_path)]}[case]
     code, out, err = run_cli(args, capsys)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_cli_sentencepiece_run_claims_only_the_bytes_it_scored(tmp_path, capsys):
+    from data.tokenizer import load_split, load_tokenizer
+
+    run, _ = make_run_dir(tmp_path, overrides=("data.tokenizer=sentencepiece", "data.sp_vocab_size=400",
+                                               "model.vocab_size=400"))
+    data_dir = tmp_path / "data"
+    tokenizer = load_tokenizer(data_dir, "sentencepiece", 400)  # trained by the run, as train_lm.py does
+    first_token_bytes = int(tokenizer.byte_lengths[load_split(data_dir, "valid", tokenizer)[0]])
+    assert first_token_bytes > 1  # so not every byte but the first is scored
+    split_bytes = (data_dir / "valid.bin").stat().st_size
+    capsys.readouterr()
+
+    code, out, _ = run_cli(["--run", str(run), "--models", "averaged"], capsys)
+    assert code == 0
+    lines = out.strip().splitlines()
+    scored = split_bytes - first_token_bytes
+    assert lines[0] == (f"valid split: {scored:,} of {split_bytes:,} bytes scored "
+                        "(not the first token, which has no context)")
+    assert lines[2].split()[2] == f"{scored:,}"
+    code, out, _ = run_cli(["--run", str(run), "--models", "averaged", "--max-bytes", "500", "--json"], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["split_bytes"] == 500
+    assert report["results"]["averaged"]["n_bytes"] <= 500 - first_token_bytes
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--stride", "100", "--context", "50"], "--stride 100 is longer than --context 50"),
+    (["--stride", "40"], "--stride 40 is longer than eval.context 32"),
+    (["--context", "8"], "eval.stride 16 is longer than --context 8"),
+])
+def test_cli_window_errors_name_the_flags_the_user_passed(tmp_path, capsys, flags, message):
+    run, _ = make_run_dir(tmp_path, swa=False, family="transformer")
+    code, out, err = run_cli(["--run", str(run), *flags], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: {message}, ") and err.count("\n") == 1
+    assert "pass --stride" in err and "change eval.stride" not in err
+
+
+def test_cli_unfinished_run_says_how_to_finish_it(run_dir, tmp_path, capsys):
+    run = tmp_path / "unfinished run"
+    (run / "checkpoints" / "step_0000040").mkdir(parents=True)
+    (run / "config.yaml").write_text((run_dir[0] / "config.yaml").read_text())
+    code, out, err = run_cli(["--run", str(run)], capsys)
+    assert code == 2 and out == ""
+    # The directory's name has a space: the command quotes it for the shell.
+    assert err == (f"error: {run} is an unfinished run (it has checkpoints/ but no final/): finish it with "
+                   f"python train_lm.py --config '{run}/config.yaml' run.out_dir='{run}' --resume\n")
+    (run / "checkpoints" / "step_0000040").rmdir()
+    (run / "checkpoints").rmdir()  # no checkpoints: not a run that can be resumed
+    code, _, err = run_cli(["--run", str(run)], capsys)
+    assert code == 2 and "has no final/ directory" in err
+
+
+def test_progress_bar_counts_bytes_and_stays_off_outside_a_terminal(monkeypatch):
+    import io
+    from functools import partial
+
+    from tqdm import tqdm
+
+    import lm.evaluate
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    rng = np.random.default_rng(11)
+    data = rng.integers(0, 50, size=120).astype(np.uint16)
+    lengths = rng.integers(1, 4, size=50).astype(np.int64)
+    n_bytes = int(lengths[data[1:]].sum())
+    assert n_bytes != 119  # bytes, not the 119 target tokens
+    for stream in (Terminal(), io.StringIO()):
+        # mininterval=0: every update is drawn, so the bar's last count is in the stream.
+        monkeypatch.setattr(lm.evaluate, "tqdm", partial(tqdm, file=stream, mininterval=0))
+        result = evaluate_bpc(TinyLSTM(50), data, family="lstm", batch_size=2, seq_len=16, byte_lengths=lengths,
+                              progress="averaged")
+        assert result.n_bytes == n_bytes
+        if isinstance(stream, Terminal):
+            assert f"{n_bytes}/{n_bytes} [" in stream.getvalue() and "B/s]" in stream.getvalue()
+        else:
+            assert stream.getvalue() == ""  # a log or pipe gets no redraws and no erased lines

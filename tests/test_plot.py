@@ -1,4 +1,4 @@
-"""lm.plot: the bpc-vs-step PNG of a run directory."""
+"""lm.plot: the bpc-vs-step plot of a run directory."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import yaml
+from matplotlib.figure import Figure
 
 from lm.config import config_to_dict, load_config
 from lm.plot import bpc_figure, main, read_metrics
@@ -27,9 +28,11 @@ def make_run(root: Path, seed: int, overrides: list[str]) -> tuple[Path, list[di
     records = []
     for step in range(10, cfg.train.max_steps + 1, 10):
         record = {"step": step, "train_bpc": float(rng.uniform(1.5, 4.0)), "lr": 0.01, "chars_per_s": 1e4}
-        if step % 40 == 0:
-            record["valid_bpc"] = {"averaged": float(rng.uniform(1.5, 4)), "ensemble": float(rng.uniform(1.5, 4))}
-            if step >= 80:
+        if step % 40 == 0:  # the kinds the trainer scores: ensemble in late-phase runs, swa once it started
+            record["valid_bpc"] = {"averaged": float(rng.uniform(1.5, 4))}
+            if cfg.late_phase.mode == "late_phase":
+                record["valid_bpc"]["ensemble"] = float(rng.uniform(1.5, 4))
+            if cfg.swa.enabled and step >= 80:
                 record["valid_bpc"]["swa"] = float(rng.uniform(1.5, 4))
         records.append(record)
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -54,9 +57,20 @@ def test_figure_has_one_line_per_kind_and_the_phase_markers(tmp_path):
 def test_plain_run_without_swa_has_no_markers(tmp_path):
     run, records = make_run(tmp_path, seed=2, overrides=["late_phase.mode=plain", "swa.enabled=false"])
     fig = bpc_figure(load_config(run / "config.yaml"), records, "plain")
+    lines = fig.axes[0].get_lines()
+    plt.close(fig)
+    # A plain run's one model is plotted as "valid": there are no members it is an average of.
+    assert [line.get_label() for line in lines] == ["train", "valid"]
+    valid = [(r["step"], r["valid_bpc"]["averaged"]) for r in records if "valid_bpc" in r]
+    np.testing.assert_array_equal(np.column_stack(lines[1].get_data()), valid)
+
+
+def test_plain_run_with_swa_labels_the_swa_curve(tmp_path):
+    run, records = make_run(tmp_path, seed=6, overrides=["late_phase.mode=plain"])
+    fig = bpc_figure(load_config(run / "config.yaml"), records, "plain")
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
     plt.close(fig)
-    assert labels == ["train", "valid (averaged)", "valid (ensemble)", "valid (swa)"]
+    assert labels == ["train", "valid", "valid (swa)", "swa_start (step 72)"]
 
 
 def test_cli_writes_a_png_atomically(tmp_path, capsys):
@@ -72,6 +86,38 @@ def test_cli_writes_a_png_atomically(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "run"]  # no temporary left
 
 
+@pytest.mark.parametrize("name,signature", [("curves.pdf", b"%PDF-"), ("curves.SVG", b"<?xml"),
+                                            ("curves.jpg", b"\xff\xd8\xff")])
+def test_cli_writes_the_format_the_suffix_names(tmp_path, capsys, name, signature):
+    run, _ = make_run(tmp_path, seed=7, overrides=[])
+    out = tmp_path / name
+    assert main(["--run", str(run), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert out.read_bytes().startswith(signature)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "run"])  # no temporary left
+
+
+def test_a_writer_failure_is_one_line_and_leaves_no_temporary(tmp_path, capsys, monkeypatch):
+    run, _ = make_run(tmp_path, seed=8, overrides=[])
+
+    def no_tex(self, fname, **kwargs):
+        open(fname, "wb").close()  # a writer may fail after creating its file
+        raise RuntimeError("'xelatex' not found; install it or change rcParams['pgf.texsystem']\nmore")
+
+    monkeypatch.setattr(Figure, "savefig", no_tex)
+    assert main(["--run", str(run), "--out", str(tmp_path / "curves.pgf")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: cannot write {tmp_path / 'curves.pgf'} ('xelatex' not found; install it or change "
+                   "rcParams['pgf.texsystem']); pick another --out\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_help_names_the_run_directory(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "(default RUN/bpc.png)" in " ".join(capsys.readouterr().out.split())
+
+
 def test_torn_last_line_is_skipped_but_corruption_is_an_error(tmp_path):
     run, records = make_run(tmp_path, seed=4, overrides=[])
     metrics = run / "metrics.jsonl"
@@ -81,15 +127,19 @@ def test_torn_last_line_is_skipped_but_corruption_is_an_error(tmp_path):
     assert main(["--run", str(run)]) == 2
 
 
-@pytest.mark.parametrize("case", ["missing_dir", "no_metrics", "bad_out_dir"])
+@pytest.mark.parametrize("case", ["missing_dir", "no_metrics", "bad_out_dir", "unknown_suffix", "no_suffix"])
 def test_cli_errors_are_one_line(tmp_path, capsys, case):
     run, _ = make_run(tmp_path, seed=5, overrides=[])
     args = {"missing_dir": ["--run", str(tmp_path / "nope")],
             "no_metrics": ["--run", str(run)],
-            "bad_out_dir": ["--run", str(run), "--out", str(tmp_path / "no" / "x.png")]}[case]
+            "bad_out_dir": ["--run", str(run), "--out", str(tmp_path / "no" / "x.png")],
+            "unknown_suffix": ["--run", str(run), "--out", str(run / "x.pnx")],
+            "no_suffix": ["--run", str(run), "--out", str(run / "x")]}[case]
     if case == "no_metrics":
         (run / "metrics.jsonl").unlink()
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
-    assert not list(run.glob("*.png*"))
+    if case.endswith("suffix"):
+        assert "; end --out in one of " in err and ".pdf" in err
+    assert {p.name for p in run.iterdir()} <= {"config.yaml", "metrics.jsonl"}  # nothing written

@@ -227,3 +227,20 @@ def test_layers_option_times_only_the_named_layers(tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit):
         bench.main(["--layers", "lstm-500"])
     assert "invalid choice: 'lstm-500'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--rows", "-1"], "argument --rows: must be >= 1, got -1"),
+    (["--members", "4", "0"], "argument --members: must be >= 1, got 0"),
+    (["--rows", "many"], "argument --rows: invalid positive_int value: 'many'"),
+])
+def test_sizes_must_be_positive(tmp_path, capsys, monkeypatch, flags, message):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the arguments were accepted")
+
+    monkeypatch.setattr(bench, "run_grid", must_not_run)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([*flags, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"python -m kernels.bench: error: {message}"
+    assert not list(tmp_path.iterdir())
