@@ -59,10 +59,16 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def replace_directory(new: Path, target: Path) -> None:
+    """Move the finished directory `new` to `target`. An existing `target` is renamed aside and
+    removed only once `new` is in place, so a crash never leaves the old copy half-deleted."""
+    old = None
+    if target.exists():
+        old = target.with_name(f"{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def save_checkpoint(
@@ -91,10 +97,10 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save(main_tensors, tmp / MAIN_TENSORS_FILE)
-        _write_json_atomic(tmp / STATE_FILE, {**state, "step": step, "num_processes": accelerator.num_processes})
-        if final.exists():  # re-saving a step (e.g. the end of a resumed run): the old copy is replaced
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        # Last: its presence marks the directory complete (and it is still the temporary one).
+        state_json = json.dumps({**state, "step": step, "num_processes": accelerator.num_processes}, indent=2, sort_keys=True)
+        (tmp / STATE_FILE).write_text(state_json + "\n")
+        replace_directory(tmp, final)
         for old in list_checkpoints(out_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

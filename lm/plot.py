@@ -69,8 +69,11 @@ def bpc_figure(cfg: Config, records: list[dict], title: str) -> Figure:
         ax.plot(*zip(*train), label="train", color="0.55", linewidth=1.0)
     # Without late-phase members the "averaged" model is the trained model itself.
     plain_kind = "averaged" if cfg.late_phase.mode != "late_phase" else None
+    # Periodic validation scores the split's first train.eval_bytes bytes: say so beside the curve.
+    scored = {r["valid_bytes"] for r in records if "valid_bytes" in r}
+    scope = f", {scored.pop():,} bytes" if len(scored) == 1 else ""
     for kind, points in sorted(valid.items()):
-        label = "valid" if kind == plain_kind else f"valid ({kind})"
+        label = f"valid{scope}" if kind == plain_kind else f"valid ({kind}{scope})"
         ax.plot(*zip(*points), label=label, marker="o", markersize=3, linewidth=1.5)
     for (name, step), style in zip(phase_markers(cfg).items(), ("--", ":")):
         ax.axvline(step, color="black", linestyle=style, linewidth=1.0, label=f"{name} (step {step})")

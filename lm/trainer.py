@@ -12,7 +12,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +37,7 @@ from lm.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     read_checkpoint_state,
+    replace_directory,
     save_checkpoint,
 )
 from lm.config import Config, ConfigError, config_to_dict, resolve_step, validate
@@ -200,8 +200,10 @@ class Trainer:
         self.swa_start = resolve_step(cfg.swa.start, t.max_steps, "swa.start") if cfg.swa.enabled else None
         self.step = 0  # optimisation steps done
         self.states: list[Any] = [None] * t.grad_accum  # LSTM state of each micro-batch's streams
+        # The log window: train nats and bytes since the last log line, and the seconds spent
+        # training in it (banked at each evaluation, SWA update or checkpoint, which do not count).
         self.window = {"nats": torch.zeros((), dtype=torch.float64, device=accelerator.device), "bytes": 0,
-                       "start_step": 0, "start_time": time.perf_counter()}
+                       "start_step": 0, "seconds": 0.0, "since": time.perf_counter()}
         if checkpoint is not None:
             self._restore(checkpoint)
         if self.is_main:
@@ -254,6 +256,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to train.max_steps with logging, validation, SWA and checkpoints; export and test at the end."""
         t, every = self.cfg.train, self.cfg.checkpoint.every
+        self.window["since"] = time.perf_counter()  # set-up and checkpoint loading are not training
         # The bar is closed on any exit, so an error message starts on a line of its own.
         with tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step",
                   disable=not self.is_main, dynamic_ncols=True) as bar:
@@ -265,16 +268,21 @@ class Trainer:
                     record.update(self._train_stats())
                     bar.set_postfix(bpc=f"{record['train_bpc']:.3f}", chars_per_s=f"{record['chars_per_s']:,.0f}")
                 if self._swa_due():
-                    self.swa.update(self.averaged_model().state_dict())
+                    with self._not_training():
+                        self.swa.update(self.averaged_model().state_dict())
                 if self.step % t.eval_every == 0:
-                    record["valid_bpc"] = {kind: r.bpc for kind, r in self.evaluate("valid", t.eval_bytes).items()}
+                    with self._not_training():
+                        evals = self.evaluate("valid", t.eval_bytes)
+                    record["valid_bpc"] = {kind: r.bpc for kind, r in evals.items()}
+                    record["valid_bytes"] = evals["averaged"].n_bytes
                     if self.is_main:
-                        bar.write(f"step {self.step}: valid bpc " +
+                        bar.write(f"step {self.step}: valid bpc ({record['valid_bytes']:,} bytes) " +
                                   ", ".join(f"{kind} {bpc:.4f}" for kind, bpc in record["valid_bpc"].items()))
                 if record:
                     self._log({"step": self.step, **record})
                 if self.step % every == 0 or self.step == t.max_steps:
-                    self.save()
+                    with self._not_training():
+                        self.save()
         # A sequential late phase that stops mid-cycle still applies its pending shared gradients
         # (after the last checkpoint, so a run resumed from it ends the same way).
         self.stepper.flush()
@@ -290,12 +298,25 @@ class Trainer:
                               torch.tensor(float(self.window["bytes"]), dtype=torch.float64, device=self.accelerator.device)])
         nats, n_bytes = self.accelerator.reduce(totals, reduction="sum").tolist()
         self._check_finite(nats)
-        elapsed = time.perf_counter() - self.window["start_time"]
+        now = time.perf_counter()  # after the reduction, which waits for the device's queued work
+        seconds = self.window["seconds"] + now - self.window["since"]
         stats = {"train_bpc": bits_per_byte(nats, int(n_bytes)), "lr": self.optimizers[0].param_groups[0]["lr"],
-                 "chars_per_s": chars_per_second(n_bytes, elapsed), "phase": self.schedule.phase(self.step - 1)}
+                 "chars_per_s": chars_per_second(n_bytes, seconds), "phase": self.schedule.phase(self.step - 1)}
         self.window.update(nats=torch.zeros_like(self.window["nats"]), bytes=0, start_step=self.step,
-                           start_time=time.perf_counter())
+                           seconds=0.0, since=now)
         return stats
+
+    @contextlib.contextmanager
+    def _not_training(self) -> Iterator[None]:
+        """Work inside is left out of chars/s: the training seconds so far are banked on entry
+        (after the device has finished the queued steps) and the clock restarts on exit."""
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize(self.accelerator.device)
+        self.window["seconds"] += time.perf_counter() - self.window["since"]
+        try:
+            yield
+        finally:
+            self.window["since"] = time.perf_counter()
 
     def _check_finite(self, nats: float) -> None:
         if not math.isfinite(nats):
@@ -390,9 +411,7 @@ class Trainer:
                     export(model, self.cfg, tmp / kind)
             if not is_plain(self.unwrapped):
                 save_model(self.unwrapped, str(tmp / "members.safetensors"))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_directory(tmp, final)
         results: dict[str, Any] = {"step": self.step, "n_bytes": {}}
         for split in ("valid", "test"):
             evals = self.evaluate(split, None, members=self.cfg.eval.members)
@@ -416,7 +435,8 @@ class Trainer:
         main_tensors = {"stepper": self.stepper.state_dict(),
                         "swa": None if self.swa is None else self.swa.state_dict()}
         process_state = {"data": self.batches.state_dict(), "lstm_states": self.states,
-                         "window_nats": self.window["nats"].cpu(), "window_bytes": self.window["bytes"]}
+                         "window_nats": self.window["nats"].cpu(), "window_bytes": self.window["bytes"],
+                         "window_seconds": self.window["seconds"]}
         return save_checkpoint(self.accelerator, self.out_dir, self.step, state, main_tensors, process_state,
                                self.cfg.checkpoint.keep)
 
@@ -456,7 +476,14 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         self._check_resumable(path, read_checkpoint_state(path))
+        # Loading an optimiser's state replaces its param groups, hyperparameters included: keep
+        # this config's (learning rate, betas, weight decay), which a resume may change.
+        settings = [[{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+                    for opt in self.optimizers]
         state, main_tensors, process_state = load_checkpoint(self.accelerator, path)
+        for opt, groups in zip(self.optimizers, settings):
+            for group, setting in zip(opt.param_groups, groups):
+                group.update(setting)
         self.step = int(state["step"])
         self.stepper.load_state_dict(main_tensors["stepper"])
         if self.swa is not None and main_tensors["swa"] is not None:
@@ -465,7 +492,8 @@ class Trainer:
         device = self.accelerator.device
         self.states = [None if s is None else tuple(x.to(device) for x in s) for s in process_state["lstm_states"]]
         self.window.update(nats=process_state["window_nats"].to(device), bytes=int(process_state["window_bytes"]),
-                           start_step=int(state["window_start_step"]))
+                           start_step=int(state["window_start_step"]),
+                           seconds=float(process_state.get("window_seconds", 0.0)))  # older checkpoints lack it
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.is_main:

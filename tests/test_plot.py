@@ -18,8 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def make_run(root: Path, seed: int, overrides: list[str]) -> tuple[Path, list[dict]]:
-    """A run directory with a resolved config and random metrics (valid bpc every 40 steps, SWA late)."""
+def make_run(root: Path, seed: int, overrides: list[str], valid_bytes: int | None = 12_345) -> tuple[Path, list[dict]]:
+    """A run directory with a resolved config and random metrics (valid bpc every 40 steps, SWA
+    late; each validation's byte count unless `valid_bytes` is None, as in older runs)."""
     cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
     run = root / "run"
     run.mkdir()
@@ -30,6 +31,8 @@ def make_run(root: Path, seed: int, overrides: list[str]) -> tuple[Path, list[di
         record = {"step": step, "train_bpc": float(rng.uniform(1.5, 4.0)), "lr": 0.01, "chars_per_s": 1e4}
         if step % 40 == 0:  # the kinds the trainer scores: ensemble in late-phase runs, swa once it started
             record["valid_bpc"] = {"averaged": float(rng.uniform(1.5, 4))}
+            if valid_bytes is not None:
+                record["valid_bytes"] = valid_bytes
             if cfg.late_phase.mode == "late_phase":
                 record["valid_bpc"]["ensemble"] = float(rng.uniform(1.5, 4))
             if cfg.swa.enabled and step >= 80:
@@ -45,17 +48,17 @@ def test_figure_has_one_line_per_kind_and_the_phase_markers(tmp_path):
     fig = bpc_figure(cfg, records, "smoke")
     lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
     plt.close(fig)
-    assert set(lines) == {"train", "valid (averaged)", "valid (ensemble)", "valid (swa)",
-                          "T0 (step 60)", "swa_start (step 72)"}
+    assert set(lines) == {"train", "valid (averaged, 12,345 bytes)", "valid (ensemble, 12,345 bytes)",
+                          "valid (swa, 12,345 bytes)", "T0 (step 60)", "swa_start (step 72)"}
     np.testing.assert_array_equal(lines["train"].get_xdata(), [r["step"] for r in records])
     np.testing.assert_array_equal(lines["train"].get_ydata(), [r["train_bpc"] for r in records])
     swa = [(r["step"], r["valid_bpc"]["swa"]) for r in records if "swa" in r.get("valid_bpc", {})]
-    np.testing.assert_array_equal(np.column_stack(lines["valid (swa)"].get_data()), swa)
+    np.testing.assert_array_equal(np.column_stack(lines["valid (swa, 12,345 bytes)"].get_data()), swa)
     assert list(lines["T0 (step 60)"].get_xdata()) == [60, 60]
 
 
 def test_plain_run_without_swa_has_no_markers(tmp_path):
-    run, records = make_run(tmp_path, seed=2, overrides=["late_phase.mode=plain", "swa.enabled=false"])
+    run, records = make_run(tmp_path, seed=2, overrides=["late_phase.mode=plain", "swa.enabled=false"], valid_bytes=None)
     fig = bpc_figure(load_config(run / "config.yaml"), records, "plain")
     lines = fig.axes[0].get_lines()
     plt.close(fig)
@@ -70,7 +73,7 @@ def test_plain_run_with_swa_labels_the_swa_curve(tmp_path):
     fig = bpc_figure(load_config(run / "config.yaml"), records, "plain")
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
     plt.close(fig)
-    assert labels == ["train", "valid", "valid (swa)", "swa_start (step 72)"]
+    assert labels == ["train", "valid, 12,345 bytes", "valid (swa, 12,345 bytes)", "swa_start (step 72)"]
 
 
 def test_cli_writes_a_png_atomically(tmp_path, capsys):

@@ -361,6 +361,22 @@ def test_resume_refuses_settings_the_checkpoint_cannot_continue_with(capsys, tmp
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]  # nothing written
 
 
+def test_resume_trains_with_the_new_optimiser_settings(tmp_path, data_dir, reference_run):
+    # The checkpoint's optimiser state carries its param groups (lr 1e-2, betas (0.9, 0.999)):
+    # the moments must come back, the hyperparameters must be the resumed config's.
+    out = tmp_path / "run"
+    shutil.copytree(reference_run / "checkpoints" / "step_0000008", out / "checkpoints" / "step_0000008")
+    trainer = Trainer(tiny_config(out, data_dir, "train.lr=3e-3", "late_phase.lr=4e-3", "train.betas=[0.8,0.95]"),
+                      resume=True)
+    shared_opt, member_opt = trainer.optimizers
+    for opt, lr in ((shared_opt, 3e-3), (member_opt, 4e-3)):
+        assert [(g["base_lr"], g["betas"]) for g in opt.param_groups] == [(lr, (0.8, 0.95))] * len(opt.param_groups)
+        assert opt.state  # the moments were restored, not dropped with the old groups
+    trainer.fit()
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["lr"]) for r in logged if "lr" in r] == [(12, 3e-3)]
+
+
 def test_resume_of_a_checkpoint_that_does_not_fit_the_model_is_one_line(capsys, tmp_path, data_dir, reference_run):
     # A checkpoint whose recorded config disagrees with its tensors (edited by hand, or written
     # by an older version): the loader's error becomes one line.
@@ -395,7 +411,46 @@ def test_periodic_validation_is_printed_as_logged(capsys, tmp_path, data_dir):
     for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
         if "valid_bpc" in record:
             kinds = ", ".join(f"{kind} {bpc:.4f}" for kind, bpc in record["valid_bpc"].items())
-            assert f"step {record['step']}: valid bpc {kinds}\n" in printed
+            assert f"step {record['step']}: valid bpc ({record['valid_bytes']:,} bytes) {kinds}\n" in printed
+
+
+class FakeClock:
+    """lm.trainer's `time`: a clock that moves only when the test says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float, fn):
+        def timed(*args, **kwargs):
+            self.now += seconds
+            return fn(*args, **kwargs)
+        return timed
+
+
+def test_chars_per_second_counts_training_time_only(monkeypatch, tmp_path, data_dir):
+    # Each step takes 1 s and trains on 4 x 16 target bytes; validation, SWA updates, checkpoints
+    # and loading a checkpoint take far longer and must not count, in a fresh run or a resumed one
+    # (its checkpoint at step 8 is mid-window: log lines at steps 6 and 12).
+    import lm.trainer
+    clock = FakeClock()
+    monkeypatch.setattr(lm.trainer, "time", clock)
+    monkeypatch.setattr(Trainer, "train_step", clock.advance(1.0, Trainer.train_step))
+    for name, seconds in (("evaluate", 100.0), ("save", 50.0), ("_restore", 1000.0)):
+        monkeypatch.setattr(Trainer, name, clock.advance(seconds, getattr(Trainer, name)))
+    monkeypatch.setattr(lm.trainer.WeightAverage, "update", clock.advance(10.0, lm.trainer.WeightAverage.update))
+    extra = ("train.log_every=6", "train.eval_every=4")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    Trainer(tiny_config(straight, data_dir, *extra)).fit()
+    shutil.copytree(straight / "checkpoints" / "step_0000008", resumed / "checkpoints" / "step_0000008")
+    clock.now += 500.0  # time between the two processes
+    Trainer(tiny_config(resumed, data_dir, *extra), resume=True).fit()
+    for run, steps in ((straight, [6, 12]), (resumed, [12])):
+        logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [(r["step"], r["chars_per_s"]) for r in logged if "chars_per_s" in r and r["step"] in steps] == \
+            [(step, 64.0) for step in steps]
 
 
 def test_help_lists_usage(capsys):
