@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from data.batches import StreamBatches, WindowBatches
 from data.prepare import DataError
+from kernels.cli import positive_int
 from lm.accelerator import make_accelerator
 from lm.config import Config, ConfigError, load_config
 from lm.late_phase import LatePhaseLinear
@@ -164,6 +165,9 @@ def bench(cfg: Config, steps: int, warmup: int, repeats: int,
     from lm.trainer import Trainer
 
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum)
+    if accelerator.num_processes > 1:  # each process would time its own share against a whole-batch minimal loop
+        raise ConfigError(f"lm.bench_train times one process, but {accelerator.num_processes} were launched; "
+                          f"run it as python -m lm.bench_train, without torchrun or accelerate launch")
     notes = []
     steppers: dict[str, Callable[[], int]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
@@ -258,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         "that mode's chars/s against plain (late_phase: sequential ratio, parallel cost per byte).",
     )
     parser.add_argument("--config", required=True, help="configs/NAME.yaml")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per round (default 30)")
+    parser.add_argument("--steps", type=positive_int, default=30, help="timed steps per round (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5; late_phase spawns at 1)")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds; the fastest is reported (default 3)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="rounds; the fastest is reported (default 3)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="afterwards, profile STEPS steps of each variant and print its top operators")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -268,9 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = parser.parse_args(argv)
     try:
-        if min(args.steps, args.repeats) < 1 or args.warmup < 2 or args.profile < 0:
-            raise ConfigError("--steps and --repeats must be >= 1, --warmup >= 2 (the late phase starts at step 1) "
-                              "and --profile >= 0")
+        if args.warmup < 2 or args.profile < 0:
+            raise ConfigError("--warmup must be >= 2 (the late phase starts at step 1) and --profile >= 0")
         cfg = load_config(args.config, args.overrides)
         results, notes, device = bench(cfg, args.steps, args.warmup, args.repeats, args.profile)
     except (ConfigError, DataError) as e:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,18 @@ def test_report_gives_ratios_and_mfu():
     assert "0.900x the minimal loop" in lines[1] and "MFU 1.8%" in lines[1]  # 1800 x 1e9 / 1e14
     assert "0.900x plain" in lines[2] and "cost per byte 1.200x plain" in lines[3]
     assert "MFU" not in bench_train.format_report(results)
+
+
+def test_launched_on_several_processes_is_one_line_error(capsys, monkeypatch):
+    # Under torchrun each process would time its share of the batch against a whole-batch minimal loop.
+    monkeypatch.setattr(bench_train, "make_accelerator", lambda *args: SimpleNamespace(num_processes=2))
+    assert bench_train.main(["--config", SMOKE]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2 were launched" in err and "without torchrun" in err
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--repeats"])
+def test_counts_must_be_positive(capsys, flag):
+    with pytest.raises(SystemExit) as info:
+        bench_train.main(["--config", SMOKE, flag, "0"])
+    assert info.value.code == 2 and f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
