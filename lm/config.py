@@ -403,9 +403,11 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
              f"use a multiple of {num_processes}")
 
     if m.family == "transformer":
-        _require(m.d_model % (2 * m.n_heads) == 0, "model.n_heads",
+        _require(m.d_model % m.n_heads == 0, "model.n_heads",
+                 f"d_model={m.d_model} does not split into n_heads={m.n_heads} heads; pick n_heads dividing d_model")
+        _require(m.positions != "rotary" or (m.d_model // m.n_heads) % 2 == 0, "model.n_heads",
                  f"d_model={m.d_model} is not n_heads={m.n_heads} times an even head size (rotary positions "
-                 f"rotate pairs of channels); pick n_heads so that d_model / n_heads is even")
+                 f"rotate pairs of channels); pick n_heads so that d_model / n_heads is even, or model.positions=learned")
         _require(t.seq_len <= m.max_seq_len, "train.seq_len",
                  f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower it or raise model.max_seq_len")
         _require(cfg.eval.context <= m.max_seq_len, "eval.context",

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate.utils import LoggerType
 
 from lm.config import (
@@ -13,6 +14,7 @@ from lm.config import (
     resolve_step,
     validate,
 )
+from lm.models import build_model
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -139,3 +141,14 @@ def test_trackers_must_be_known_and_installed(monkeypatch):
         load_config(None, ["run.trackers=[nope]"])
     with pytest.raises(ConfigError, match=r"^run\.trackers: expected list\[str\]"):
         load_config(None, ["run.trackers=tensorboard"])
+
+
+def test_odd_head_size_is_fine_with_learned_positions():
+    # Only rotary positions rotate channel pairs; learned ones take any head size.
+    cfg = load_config(None, ["model.family=transformer", "model.d_model=30", "model.n_heads=2",
+                             "model.n_layers=1", "model.positions=learned", "train.seq_len=8", "model.max_seq_len=8",
+                             "eval.context=8", "eval.stride=4"])
+    model = build_model(cfg.model, cfg.late_phase)
+    inputs = torch.randint(0, 256, (2, 8))
+    logits, _ = model(inputs, None, member=0)
+    assert logits.shape == (2, 8, 256) and torch.isfinite(logits).all()

@@ -99,8 +99,9 @@ class TransformerLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, num: int):
         super().__init__()
-        if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
-            raise ValueError(f"model.d_model ({cfg.d_model}) must be n_heads ({cfg.n_heads}) times an even head size")
+        if cfg.d_model % cfg.n_heads or (cfg.positions == "rotary" and (cfg.d_model // cfg.n_heads) % 2):
+            raise ValueError(f"model.d_model ({cfg.d_model}) must be n_heads ({cfg.n_heads}) times a head size, "
+                             f"an even one with rotary positions")
         if cfg.positions not in ("rotary", "learned"):
             raise ValueError(f"model.positions must be 'rotary' or 'learned', got {cfg.positions!r}")
         self.cfg = cfg
