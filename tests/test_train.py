@@ -22,9 +22,9 @@ from data.tokenizer import ByteTokenizer, load_split
 from lm.checkpoint import latest_checkpoint, list_checkpoints
 from lm.config import load_config
 from lm.evaluate import evaluate_bpc
-from lm.late_phase import late_phase_parameters
+from lm.late_phase import average_members, late_phase_parameters
 from lm.models import load_exported
-from lm.trainer import Trainer, TrainingError
+from lm.trainer import Trainer, TrainingError, lr_factor
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -214,23 +214,29 @@ def test_two_processes_match_one(reference_run, tmp_path, data_dir, schedule):
             assert two[split][kind] == pytest.approx(bpc, abs=1e-5)
 
 
-def test_plain_training_equals_a_hand_written_loop(tmp_path, data_dir):
-    """Plain mode, clipping and warmup through the trainer == a minimal PyTorch loop on the same streams."""
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_plain_training_equals_a_hand_written_loop(tmp_path, data_dir, optimizer):
+    """Plain mode, warmup and weight decay through the trainer == a minimal PyTorch loop on the
+    same streams: Adam with clipping (on every step), and SGD with momentum and no clipping, whose
+    update is proportional to the gradient, so a mis-scaled loss cannot hide."""
     from data.batches import StreamBatches
     from lm.config import LatePhaseConfig
     from lm.models import build_model
 
-    steps = 5
+    steps, clip = 5, (0.05 if optimizer == "adam" else 0.0)
     cfg = tiny_config(tmp_path / "plain", data_dir, "late_phase.mode=plain", "swa.enabled=false",
-                      f"train.max_steps={steps}", "train.grad_clip=0.05", "train.warmup_steps=3",
-                      "train.weight_decay=0.01")
+                      f"train.max_steps={steps}", f"train.grad_clip={clip}", "train.warmup_steps=3",
+                      "train.weight_decay=0.01", f"train.optimizer={optimizer}", "train.betas=[0.9,0.999]")
     trainer = Trainer(cfg)
     for _ in range(steps):
         trainer.train_step()
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, LatePhaseConfig(mode="plain")).double()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.01)
+    if optimizer == "adam":
+        reference_opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.01)
+    else:
+        reference_opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=0.9, weight_decay=0.01)
     batches = StreamBatches(load_split(data_dir, "train", ByteTokenizer()), 4, 16)
     state = None
     for step in range(steps):
@@ -240,13 +246,62 @@ def test_plain_training_equals_a_hand_written_loop(tmp_path, data_dir):
         state = tuple(s.detach() for s in state)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
-        for group in optimizer.param_groups:
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        for group in reference_opt.param_groups:
             group["lr"] = cfg.train.lr * min(1.0, (step + 1) / 3)
-        optimizer.step()
-        optimizer.zero_grad()
+        reference_opt.step()
+        reference_opt.zero_grad()
     for (name, ours), reference in zip(trainer.unwrapped.named_parameters(), model.parameters()):
         torch.testing.assert_close(ours.double(), reference, rtol=0, atol=2e-5, msg=name)
+
+
+def test_tied_phase_average_is_row_zero(tmp_path, data_dir):
+    # Before T0 only member row 0 trains; the other rows still hold their initial values, so the
+    # averaged model must be row 0 alone, not the mean over every stored row.
+    trainer = Trainer(tiny_config(tmp_path / "run", data_dir))
+    for _ in range(3):  # T0 = 6
+        trainer.train_step()
+    inputs = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        row_zero, _ = trainer.unwrapped(inputs, None, member=0)
+        averaged, _ = trainer.averaged_model()(inputs, None, member=0)
+        every_row, _ = average_members(trainer.unwrapped)(inputs, None, member=0)
+    torch.testing.assert_close(averaged, row_zero, rtol=0, atol=1e-5)
+    assert (every_row - row_zero).abs().max() > 1e-3
+
+
+def test_swa_is_the_mean_of_the_averaged_models_at_its_steps(tmp_path, data_dir):
+    # swa.start=8, swa.every=2, 12 steps: snapshots of the member-averaged model at steps 8, 10, 12.
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(out, data_dir))
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    update = trainer.swa.update
+
+    def recording_update(state_dict):
+        averaged = {k: v.double() for k, v in average_members(trainer.unwrapped).state_dict().items()}
+        snapshots[trainer.step] = averaged
+        update(state_dict)
+
+    trainer.swa.update = recording_update
+    trainer.fit()
+    assert sorted(snapshots) == [8, 10, 12]
+    swa = weights(out / "final" / "swa" / "model.safetensors")
+    assert swa.keys() == snapshots[8].keys()
+    for name, value in swa.items():
+        mean = sum(s[name] for s in snapshots.values()) / 3
+        torch.testing.assert_close(value.double(), mean, rtol=0, atol=1e-6, msg=name)
+        assert (snapshots[12][name] - snapshots[8][name]).abs().max() > 1e-4, name  # the snapshots differ
+
+
+def test_learning_rate_schedule_by_hand():
+    cosine = load_config(None, ["train.max_steps=110", "train.warmup_steps=10", "train.lr_schedule=cosine"])
+    constant = load_config(None, ["train.max_steps=110", "train.warmup_steps=10"])
+    # warmup: step s (0-based) trains at (s + 1) / 10 of train.lr, then cosine from 1 at step 10 to 0 at step 110
+    for step, expected in ((0, 0.1), (4, 0.5), (9, 1.0), (10, 1.0), (35, (1 + math.sqrt(0.5)) / 2), (60, 0.5),
+                           (85, (1 - math.sqrt(0.5)) / 2), (110, 0.0)):
+        assert lr_factor(step, cosine) == pytest.approx(expected, abs=1e-12), step
+    assert [lr_factor(s, constant) for s in (0, 9, 10, 60, 109)] == pytest.approx([0.1, 1.0, 1.0, 1.0, 1.0])
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path, data_dir):
