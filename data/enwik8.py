@@ -96,7 +96,10 @@ def _download_and_read(url: str, out_dir: Path, sha256: str) -> bytes:
     try:
         actual = _download(url, partial)
         _check_sha256(actual, sha256, f"the download of {url}")
-        return read_source(partial, what=f"the download of {url}")
+        try:
+            return read_source(partial, what=f"the download of {url}")
+        except DataError as e:
+            raise DataError(f"{e}, or {_SOURCE_HINT}") from None
     finally:
         partial.unlink(missing_ok=True)
 

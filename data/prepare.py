@@ -49,6 +49,13 @@ def read_source(path: str | os.PathLike, what: str | None = None) -> bytes:
         raise DataError(f"source {path} does not exist or is not a file; check the path")
     with open(path, "rb") as f:
         magic = f.read(4)
+    # A name that promises an archive the bytes are not (an HTML error page saved as .zip, a
+    # truncated download) would otherwise be prepared, and trained on, as raw text.
+    promised = {".zip": "zip", ".gz": "gzip", ".dz": "gzip"}.get(path.suffix.lower())
+    actual = "gzip" if magic.startswith(_GZIP_MAGIC) else "zip" if magic == _ZIP_MAGIC else None
+    if promised and actual != promised:
+        raise DataError(f"{what} is named {path.suffix} but is not a {promised} file; download it again, "
+                        f"or rename it if it really is plain text")
     if magic.startswith(_GZIP_MAGIC):
         try:
             with gzip.open(path, "rb") as f:
@@ -71,7 +78,7 @@ def _read_single_zip_member(path: Path, what: str) -> bytes:
             return archive.read(members[0])
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:
         raise DataError(f"{what} is a corrupt or truncated zip file ({e}); "
-                        "download it again or pass a good copy with --source") from None
+                        "download it again") from None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -111,7 +118,8 @@ def split_sizes(n: int, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> tuple
     sizes = (n - valid - test, valid, test)
     if min(sizes) < MIN_SPLIT_BYTES:
         raise DataError(f"a {n}-byte corpus split {tuple(fractions)} gives splits of {sizes} bytes; "
-                        f"each needs at least {MIN_SPLIT_BYTES}: use a bigger corpus or other --split fractions")
+                        f"each needs at least {MIN_SPLIT_BYTES}: use a bigger corpus (or other fractions: "
+                        f"python -m data.prepare --split)")
     return sizes
 
 

@@ -80,10 +80,11 @@ def prepare_data(cfg: Config) -> Path:
         try:
             return prepare_enwik8(data_dir, source=source)
         except DataError as e:
-            if source is not None:
-                raise
-            # data.enwik8's own hints name its CLI's flags; here the fix is a config key.
+            # data.enwik8's messages end in a fix naming its CLI's flags; here the fix is a config key.
             cause = str(e).split(";")[0]
+            if source is not None:
+                raise DataError(f"{cause}; give data.source=PATH of an undamaged enwik8.zip or extracted "
+                                f"enwik8, or leave data.source out to download it") from None
             raise DataError(
                 f"enwik8 is not prepared in {data_dir} and could not be downloaded ({cause}); pass a local copy "
                 f"with data.source=PATH (enwik8.zip or the extracted file), or train offline on the synthetic "

@@ -48,6 +48,19 @@ def test_read_source_rejects_bad_archives_in_one_line(tmp_path, corpus, content,
     assert "\n" not in str(raised.value)
 
 
+@pytest.mark.parametrize("name, content, promised", [
+    ("enwik8.zip", lambda c: b"<html>404 Not Found</html>" + c, "zip"),
+    ("corpus.gz", lambda c: c, "gzip"),
+    ("gcide.dict.dz", lambda c: _zip_bytes({"x": c}), "gzip"),
+])
+def test_read_source_refuses_a_name_that_promises_another_format(tmp_path, corpus, name, content, promised):
+    path = tmp_path / name
+    path.write_bytes(content(corpus))
+    with pytest.raises(DataError, match=f"is named {path.suffix} but is not a {promised} file") as raised:
+        read_source(path)
+    assert "\n" not in str(raised.value)
+
+
 def test_split_sizes_enwik8_and_ragged():
     assert split_sizes(100_000_000) == (90_000_000, 5_000_000, 5_000_000)
     n = int(np.random.default_rng().integers(1_000, 10**7))

@@ -390,6 +390,14 @@ def test_missing_data_and_checkpoint_problems_are_one_line_errors(capsys, tmp_pa
     code, err = run_cli(capsys, f"run.out_dir={out}", f"data.source={tmp_path / 'missing.zip'}")
     assert code == 2 and err.startswith("error: data.source=") and not out.exists()
 
+    import zipfile
+    monkeypatch.undo()  # the real data.enwik8 from here on
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:  # a zip, but not enwik8's
+        archive.writestr("enwik8", b"not the real thing\n" * 100)
+    code, err = run_cli(capsys, f"run.out_dir={out}", f"data.dir={tmp_path / 'enwik8'}", f"data.source={tmp_path / 'other.zip'}")
+    assert code == 2 and err.count("\n") == 1 and "sha256 mismatch" in err and "data.source=PATH" in err, err
+    assert "--" not in err and not out.exists()  # no flag of data.enwik8's command line
+
     code, err = run_cli(capsys, "--config", str(SMOKE), *tiny_args(out, data_dir), "--resume")
     assert code == 2 and "no checkpoint" in err and not out.exists()
 
