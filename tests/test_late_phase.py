@@ -264,31 +264,59 @@ def test_member_optimizer_state_dict_round_trip():
 # Algorithm 1 against a hand-written reference loop
 
 
-def reference_sequential(model0, batches, K, T0, gamma, lr, wd):
-    """Algorithm 1 written out: one torch AdamW per member on separate row tensors, one for shared."""
+def clip_by_hand(params, max_norm, norms):
+    """clip_grad_norm_ written out in float64: scale by max_norm / (norm + 1e-6) when that is < 1."""
+    total = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None))
+    norms.append(total)
+    scale = max_norm / (total + 1e-6)
+    if scale < 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+
+
+def reference_sequential(model0, batches, K, T0, gamma, lr, wd, optimizer="adamw", max_norm=None, norms=None):
+    """Algorithm 1 written out: one torch optimiser per member on separate row tensors, one for shared.
+
+    optimizer: "adamw", or "sgd" (momentum 0.9). max_norm: gradient clipping as LatePhaseStepper's
+    docstring states it: tied steps clip everything together; late steps clip the active member's
+    rows on each minibatch, and the shared gradients once per cycle, after the gamma scaling.
+    `norms` collects the norms seen by each clip (so a test can check that it really clipped)."""
+    def make(ps):
+        if optimizer == "sgd":
+            return torch.optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=wd)
+        return torch.optim.AdamW(ps, lr=lr, weight_decay=wd)
+
+    def clip(ps):
+        if max_norm is not None:
+            clip_by_hand(ps, max_norm, norms)
+
     model = copy.deepcopy(model0)
     lp_names = [n for n, p in model.named_parameters() if any(p is q for q in late_phase_parameters(model))]
     params = dict(model.named_parameters())
     rows = [{n: params[n][k].detach().clone().requires_grad_() for n in lp_names} for k in range(K)]
-    member_opts = [torch.optim.AdamW(list(r.values()), lr=lr, weight_decay=wd) for r in rows]
+    member_opts = [make(list(r.values())) for r in rows]
     shared = [p for n, p in params.items() if n not in lp_names]
-    shared_opt = torch.optim.AdamW(shared, lr=lr, weight_decay=wd)
+    shared_opt = make(shared)
     history = []
     for t, (x, y) in enumerate(batches):
         k = 0 if t < T0 else (t - T0) % K
         stacked = {n: torch.stack([rows[j][n] for j in range(K)]) for n in lp_names}
         logits, _ = functional_call(model, stacked, (x, None, k))
         F.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
-        member_opts[k].step()
-        member_opts[k].zero_grad()
         for j in range(K):  # rows of other members received zero gradients: drop them
             if j != k:
                 for v in rows[j].values():
                     v.grad = None
+        clip((shared if t < T0 else []) + list(rows[k].values()))
+        member_opts[k].step()
+        member_opts[k].zero_grad()
         if t < T0 or (t - T0) % K == K - 1:
-            if t >= T0 and gamma == "mean":
-                for p in shared:
-                    p.grad /= K
+            if t >= T0:
+                if gamma == "mean":
+                    for p in shared:
+                        p.grad /= K
+                clip(shared)
             shared_opt.step()
             shared_opt.zero_grad()
         if t == T0 - 1:  # spawn: copy the tied row and its optimiser state
@@ -342,6 +370,39 @@ def test_sequential_schedule_matches_reference_loop(family, gamma):
         assert all(p.grad is None for p in lp)
     # after 2 full cycles each member took T0 tied steps (copied at spawn) plus exactly 2 of its own
     assert member_opt.state[lp[0]]["step"].tolist() == [T0 + 2.0] * K
+
+
+@pytest.mark.parametrize("gamma", ["sum", "mean"])
+@pytest.mark.parametrize("family", ["lstm", "transformer"])
+def test_sequential_schedule_with_clipping_matches_reference_loop(family, gamma):
+    # SGD with momentum, not Adam: Adam's step hardly depends on the gradient's scale, clipping's.
+    K, T0, lr, wd, max_norm = 3, 2, 0.1, 0.01, 0.02
+    torch.manual_seed(15)
+    model = build_model(TINY[family], LatePhaseConfig(mode="late_phase", K=K)).double()
+    randomize_members(model, seed=16)
+    spawn_members(model, 0.0, torch.Generator())
+    batches = [(torch.randint(0, 256, (2, 6)), torch.randint(0, 256, (2, 6))) for _ in range(T0 + 2 * K)]
+    norms = []
+    history = reference_sequential(model, batches, K, T0, gamma, lr, wd, optimizer="sgd", max_norm=max_norm, norms=norms)
+    # every clip really clipped: tied steps, each late minibatch's member rows, each cycle's shared step
+    assert len(norms) == T0 + 2 * K + 2 and min(norms) > 2 * max_norm, norms
+
+    schedule = MemberSchedule(K, T0, "sequential", gamma)
+    shared_opt = torch.optim.SGD(shared_parameters(model), lr=lr, momentum=0.9, weight_decay=wd)
+    member_opt = MemberSGD(late_phase_parameters(model), lr=lr, momentum=0.9, weight_decay=wd)
+    stepper = LatePhaseStepper(model, schedule, shared_opt, member_opt,
+                               clip=lambda ps: torch.nn.utils.clip_grad_norm_(ps, max_norm))
+    lp = late_phase_parameters(model)
+    lp_names = [n for n, p in model.named_parameters() if any(p is q for q in lp)]
+    for t, (x, y) in enumerate(batches):
+        F.cross_entropy(model(x, None, schedule.member(t))[0].flatten(0, 1), y.flatten()).backward()
+        stepper.after_backward(t)
+        ref_rows, ref_shared = history[t]
+        params = dict(model.named_parameters())
+        for n in lp_names:
+            torch.testing.assert_close(params[n].detach(), ref_rows[n], rtol=1e-10, atol=1e-12, msg=f"step {t} {n}")
+        for p, q in zip(shared_parameters(model), ref_shared):
+            torch.testing.assert_close(p.detach(), q, rtol=1e-10, atol=1e-12, msg=f"step {t}")
 
 
 @pytest.mark.parametrize("family", ["lstm", "transformer"])

@@ -1,6 +1,8 @@
 """Both model families in every mode and member argument; export/load; short training runs."""
+import copy
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -301,3 +303,134 @@ def test_each_mode_trains_and_the_loss_falls(family, mode, schedule):
     if mode != "plain":
         averaged, _ = average_members(model)(x)
         assert F.cross_entropy(averaged.flatten(0, 1), y.flatten()).item() < losses[0] - 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# The Transformer against itself under changed inputs, and against a float64 reference
+
+
+MEMBER_ARGS = (0, 2, "parallel", "all")
+
+
+def _per_member_view(logits, member):
+    """(B, T, V) or, for "all", (K, B, T, V) -> (K', B, T, V), so every member arg compares alike."""
+    return logits if member == "all" else logits.unsqueeze(0)
+
+
+@pytest.mark.parametrize("name", ["transformer", "transformer_learned"])
+def test_transformer_is_causal_for_every_member_argument(name):
+    model = late_model(name, seed=21)
+    g = torch.Generator().manual_seed(22)
+    T = 11
+    x = torch.randint(0, 256, (2 * K, T), generator=g)
+    everyone = model(x, None, "all")[0]
+    assert (everyone[0] - everyone[1]).abs().max() > 1e-3  # the members differ
+    for trial in range(3):
+        t = int(torch.randint(1, T, (1,), generator=g))
+        row = int(torch.randint(0, 2 * K, (1,), generator=g))
+        changed = x.clone()
+        changed[row, t] = (x[row, t] + 1 + torch.randint(0, 255, (1,), generator=g)) % 256
+        for member in MEMBER_ARGS:
+            before = _per_member_view(model(x, None, member)[0], member)
+            after = _per_member_view(model(changed, None, member)[0], member)
+            msg = f"member={member!r}, t={t}, row={row}"
+            torch.testing.assert_close(after[:, :, :t], before[:, :, :t], rtol=0, atol=1e-6, msg=msg)
+            others = [b for b in range(2 * K) if b != row]
+            torch.testing.assert_close(after[:, others], before[:, others], rtol=0, atol=1e-6, msg=msg)
+            # the changed token reaches its own position (and, through attention, the later ones)
+            assert (after[:, row, t] - before[:, row, t]).abs().amax(dim=-1).min() > 1e-4, msg
+            if t + 1 < T:
+                assert (after[:, row, t + 1:] - before[:, row, t + 1:]).abs().amax() > 1e-5, msg
+
+
+def _reference_transformer_member(model, inputs, k):
+    """Member k of a late-phase rotary TransformerLM, written out in float64 from its parameters."""
+    cfg = model.cfg
+    P = {n: p.detach().double() for n, p in model.named_parameters()}
+    C, H = cfg.d_model, cfg.n_heads
+    hd = C // H
+    B, T = inputs.shape
+
+    def layer_norm(x, gain, bias):
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + 1e-5) * gain + bias
+
+    def linear(x, prefix):  # member k's weight W * (r_k s_k^T) and bias b_k
+        W, r, s, b = (P[f"{prefix}.{n}"] for n in ("weight", "factors.r", "factors.s", "factors.bias"))
+        Wk = W * r[k][:, None] * s[k][None, :]
+        return torch.einsum("btj,ij->bti", x, Wk) + b[k]
+
+    def rotate(x):  # x (B, T, hd): channel pair (i, i + hd/2) as one complex number, turned by pos * base^(-2i/hd)
+        half = hd // 2
+        freq = torch.tensor([10000.0 ** (-2.0 * i / hd) for i in range(half)], dtype=torch.float64)
+        angle = torch.arange(T, dtype=torch.float64)[:, None] * freq[None, :]
+        z = torch.complex(x[..., :half], x[..., half:]) * torch.polar(torch.ones_like(angle), angle)
+        return torch.cat([z.real, z.imag], dim=-1)
+
+    gelu = lambda v: 0.5 * v * (1 + torch.erf(v / math.sqrt(2.0)))  # noqa: E731
+    x = P["embed.weight"][inputs]
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    for i in range(cfg.n_layers):
+        pre = f"blocks.{i}"
+        h = layer_norm(x, P[f"{pre}.ln1.gains.weight"][k], P[f"{pre}.ln1.bias"])
+        qkv = linear(h, f"{pre}.attn.qkv")
+        heads = []
+        for j in range(H):
+            q, kk, v = (qkv[..., part * C + j * hd: part * C + (j + 1) * hd] for part in range(3))
+            q, kk = rotate(q), rotate(kk)
+            scores = torch.einsum("bsd,btd->bst", q, kk) / math.sqrt(hd)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+            heads.append(torch.einsum("bst,btd->bsd", weights / weights.sum(-1, keepdim=True), v))
+        x = x + linear(torch.cat(heads, dim=-1), f"{pre}.attn.proj")
+        h = layer_norm(x, P[f"{pre}.ln2.gains.weight"][k], P[f"{pre}.ln2.bias"])
+        x = x + linear(gelu(linear(h, f"{pre}.mlp.fc")), f"{pre}.mlp.proj")
+    x = layer_norm(x, P["ln_f.weight"], P["ln_f.bias"])
+    return torch.einsum("btc,vc->btv", x, P["head.weight"]) + P["head.bias"]
+
+
+def test_transformer_forward_equals_float64_reference():
+    # Rotary positions, 2 layers, member LayerNorm gains. Weights large enough that attention is
+    # far from uniform, so that positions and the causal mask change the logits a lot.
+    cfg = TINY["transformer"]
+    assert cfg.positions == "rotary" and cfg.layernorm_factors and cfg.n_layers == 2
+    model = late_model("transformer", seed=31)
+    g = torch.Generator().manual_seed(32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "factors" not in name and "gains" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if p.dim() == 1 or name.startswith("embed") else 0.4))
+    x = torch.randint(0, 256, (2, 12), generator=g)
+    refs = torch.stack([_reference_transformer_member(model, x, k) for k in range(K)])
+    assert (refs[0] - refs[1]).abs().max() > 0.1  # members differ
+    # The float64 model still runs on float32-rounded rotary tables (non-persistent buffers made
+    # in float32), hence 2e-6 and not 1e-12; a wrong rotation or mask is off by O(1).
+    model64 = copy.deepcopy(model).double()
+    for member_model, tol in ((model64, 2e-6), (model, 2e-5)):
+        for k in (0, 2):
+            torch.testing.assert_close(member_model(x, None, k)[0].double(), refs[k], rtol=0, atol=tol)
+        torch.testing.assert_close(member_model(x, None, "all")[0].double(), refs, rtol=0, atol=tol)
+        parallel = member_model(x.repeat_interleave(K, 0), None, "parallel")[0].double()
+        torch.testing.assert_close(parallel.view(2, K, 12, 256).transpose(0, 1), refs, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("member", [1, "parallel", "all"])
+def test_transformer_dropout_only_in_training(member):
+    torch.manual_seed(41)
+    dropped = build_model(dataclasses.replace(TINY["transformer"], dropout=0.3), LatePhaseConfig(mode="late_phase", K=K))
+    randomize_members(dropped, seed=41)
+    none = build_model(TINY["transformer"], LatePhaseConfig(mode="late_phase", K=K))
+    none.load_state_dict(dropped.state_dict())
+    x = torch.randint(0, 256, (2 * K, 10))
+    dropped.eval()
+    none.eval()
+    first = dropped(x, None, member)[0]
+    assert torch.equal(first, dropped(x, None, member)[0])
+    assert torch.equal(first, none(x, None, member)[0])
+    dropped.train()
+    a, b = dropped(x, None, member)[0], dropped(x, None, member)[0]
+    assert (a - b).abs().max() > 1e-3
+    assert (a - first).abs().max() > 1e-3
+    none.train()
+    assert torch.equal(none(x, None, member)[0], first)  # dropout 0: training mode changes nothing
