@@ -296,14 +296,18 @@ def write_outputs(results: list[Row], prefix: str) -> list[str]:
     for ext in ("json", "csv"):
         path = f"{prefix}.{ext}"
         tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", newline="") as f:
-            if ext == "json":
-                json.dump(records, f, indent=1)
-            else:
-                writer = csv.DictWriter(f, fieldnames=list(records[0]))
-                writer.writeheader()
-                writer.writerows(records)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", newline="") as f:
+                if ext == "json":
+                    json.dump(records, f, indent=1)
+                else:
+                    writer = csv.DictWriter(f, fieldnames=list(records[0]))
+                    writer.writeheader()
+                    writer.writerows(records)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):  # the write failed: leave no partial file
+                os.unlink(tmp)
         paths.append(path)
     return paths
 

@@ -194,9 +194,13 @@ def main(argv: list[str] | None = None) -> int:
               + (f"  {r.error}" if r.error else ""))
     if args.json:
         tmp = f"{args.json}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
-        os.replace(tmp, args.json)
+        try:
+            with open(tmp, "w") as f:
+                json.dump([asdict(r) for r in results], f, indent=1)
+            os.replace(tmp, args.json)
+        finally:
+            if os.path.exists(tmp):  # the write failed: leave no partial file
+                os.unlink(tmp)
     found = problems(results, args.arch)
     for line in found:
         print(f"error: {line}", file=sys.stderr)

@@ -13,7 +13,6 @@ directories and the next save removes them.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+
+from lm.files import replace_directory
 
 STATE_FILE = "trainer_state.json"
 MAIN_TENSORS_FILE = "trainer.pt"
@@ -57,18 +58,6 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run directory, or None."""
     found = list_checkpoints(out_dir)
     return found[-1] if found else None
-
-
-def replace_directory(new: Path, target: Path) -> None:
-    """Move the finished directory `new` to `target`. An existing `target` is renamed aside and
-    removed only once `new` is in place, so a crash never leaves the old copy half-deleted."""
-    old = None
-    if target.exists():
-        old = target.with_name(f"{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def save_checkpoint(

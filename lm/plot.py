@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from lm.config import Config, ConfigError, load_config, resolve_step  # noqa: E402
+from lm.files import atomic_path  # noqa: E402
 
 
 class PlotError(Exception):
@@ -105,10 +105,9 @@ def plot_run(run: Path, out: Path | None = None) -> Path:
     cfg = load_config(str(run / "config.yaml"), [])
     fig = bpc_figure(cfg, read_metrics(run / "metrics.jsonl"),
                      f"{run.resolve().name}: {cfg.model.family}, {cfg.late_phase.mode}")
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
-        fig.savefig(tmp, format=image_format)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format=image_format)
     except (OSError, RuntimeError) as e:  # e.g. no permission, or .pgf without a TeX install
         reason = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise PlotError(f"cannot write {out} ({reason}); pick another --out") from None

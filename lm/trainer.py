@@ -37,12 +37,12 @@ from lm.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     read_checkpoint_state,
-    replace_directory,
     save_checkpoint,
 )
 from lm.config import Config, ConfigError, config_to_dict, resolve_step, validate
 from lm.accelerator import make_accelerator, use_tf32
 from lm.evaluate import evaluate_bpc, token_limit
+from lm.files import replace_directory, write_text_atomically
 from lm.late_phase import (
     LatePhaseStepper,
     MemberSchedule,
@@ -126,12 +126,6 @@ def _flat_scalars(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 # What a checkpoint's weights, optimiser state and data position mean: a resume must not change
 # these (nor any model.* key but how the members are computed, _MODEL_HOW).
 _FIXED_ON_RESUME = ("data.corpus", "data.synthetic_bytes", "data.tokenizer", "data.sp_vocab_size",
@@ -209,7 +203,7 @@ class Trainer:
             self._restore(checkpoint)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            write_text_atomically(self.out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             self._truncate_metrics()
         if accelerator.log_with:  # Accelerate trackers (run.trackers), besides metrics.jsonl
             accelerator.init_trackers(self.out_dir.name, config=_flat_scalars(config_to_dict(cfg)))
@@ -419,7 +413,7 @@ class Trainer:
             results[split] = {kind: r.bpc for kind, r in evals.items()}
             results["n_bytes"][split] = evals["averaged"].n_bytes
         if self.is_main:
-            _write_json(self.out_dir / "results.json", results)
+            write_text_atomically(self.out_dir / "results.json", json.dumps(results, indent=2) + "\n")
         self.accelerator.wait_for_everyone()
         return results
 
@@ -515,6 +509,4 @@ class Trainer:
                     kept.append(line if line.endswith("\n") else line + "\n")
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        write_text_atomically(path, "".join(kept))

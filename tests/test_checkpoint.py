@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from lm.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    replace_directory,
     save_checkpoint,
 )
 
@@ -106,27 +104,3 @@ def test_refuses_incomplete_or_other_world_size(setup, tmp_path):
         load_checkpoint(accelerator, tmp_path / "checkpoints" / "missing")
     assert latest_checkpoint(tmp_path / "elsewhere") is None
 
-
-def test_replacing_a_directory_keeps_the_old_copy_whole_until_the_new_one_is_in(tmp_path, monkeypatch):
-    target, new = tmp_path / "final", tmp_path / "final.tmp"
-    target.mkdir()
-    (target / "model").write_text("old")
-    new.mkdir()
-    (new / "model").write_text("new")
-
-    real_replace = os.replace
-    def replace_then_die(src, dst):
-        if str(src) == str(new):
-            raise KeyboardInterrupt  # killed between moving the old copy aside and moving the new one in
-        real_replace(src, dst)
-    monkeypatch.setattr(os, "replace", replace_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        replace_directory(new, target)
-    [aside] = tmp_path.glob("final.old-*")
-    assert (aside / "model").read_text() == "old"  # nothing of the old copy was deleted
-
-    monkeypatch.setattr(os, "replace", real_replace)
-    real_replace(aside, target)
-    replace_directory(new, target)
-    assert (target / "model").read_text() == "new"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]

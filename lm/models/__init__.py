@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lm.config import Config, ConfigError, LatePhaseConfig, ModelConfig, config_from_dict, config_to_dict
+from lm.files import atomic_path, write_text_atomically
 from lm.late_phase import Rank1Factors, average_members, is_plain
 from lm.models.lstm import LSTMLM
 from lm.models.transformer import TransformerLM
@@ -76,15 +77,6 @@ def detach_state(state):
     return type(state)(detach_state(s) for s in state)
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def export(model: nn.Module, cfg: Config, out_dir: str | os.PathLike) -> Path:
     """Write `out_dir/config.json` + `out_dir/model.safetensors` of a plain model, atomically per file.
 
@@ -99,9 +91,10 @@ def export(model: nn.Module, cfg: Config, out_dir: str | os.PathLike) -> Path:
     plain_cfg = copy.deepcopy(cfg)
     plain_cfg.late_phase.mode = "plain"
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _write_atomic(out / "model.safetensors", lambda p: save_file(tensors, str(p)))
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp))
     text = json.dumps(config_to_dict(plain_cfg), indent=2)
-    _write_atomic(out / "config.json", lambda p: p.write_text(text))
+    write_text_atomically(out / "config.json", text)
     return out
 
 

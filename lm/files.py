@@ -1,0 +1,41 @@
+"""Crash-safe writes: a reader sees the old file (or directory) or the new one, never a torn one.
+
+Every output of lm/ (results, metrics, exported models, checkpoints, plots) goes through here.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary name beside `path` to write to; when the block ends without an error it
+    replaces `path` in one rename, and on any error (Ctrl-C included) it is removed."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Move the finished directory `new` to `target`. An existing `target` is renamed aside and
+    removed only once `new` is in place, so a crash never leaves the old copy half-deleted."""
+    old = None
+    if target.exists():
+        old = target.with_name(f"{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old)
