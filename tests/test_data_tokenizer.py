@@ -6,6 +6,7 @@ import pytest
 
 from data.prepare import DataError, write_splits
 from data.synthetic import synthetic_corpus
+from data import tokenizer as tokenizer_module
 from data.tokenizer import ByteTokenizer, bits_per_byte, load_split, load_tokenizer
 
 UNSEEN_WORD = "Qxqzqj"  # appears only in valid/test, so a tokenizer trained on train alone lacks it
@@ -71,17 +72,29 @@ def test_sentencepiece_round_trips_any_bytes_and_counts_them(sp, sp_dir):
     assert len(common) < 0.8 * len(samples[2])  # real merges, not byte by byte
 
 
+# Bytes of original text each piece stands for, written out by hand. "▁" is SentencePiece's
+# space (3 bytes in UTF-8, one space byte in the text); a byte-fallback piece is one byte whatever
+# its spelling; control pieces stand for no text. Every model trained on the synthetic corpus has
+# these pieces (its markup and its frequent " [[", " </", " ==" fragments).
+HAND_BYTE_LENGTHS = {"<unk>": 0, "<s>": 0, "</s>": 0, "<0x00>": 1, "<0x41>": 1, "<0xE2>": 1, "<0xFF>": 1,
+                     "▁": 1, "▁[[": 3, "▁</": 3, "▁==": 3, "text": 4, "]].": 3, "t": 1}
+# Rare letters of the synthetic corpus, pieces only when the sample had enough of them: 2 bytes each.
+RARE_LETTER_BYTE_LENGTHS = {"é": 2, "ü": 2}
+
+
 def test_byte_lengths_of_pieces(sp):
     processor = sp._processor
-    for i in range(sp.vocab_size):
-        piece = processor.id_to_piece(i)
-        if processor.is_byte(i):
-            expected = 1
-        elif processor.is_control(i) or processor.is_unknown(i):
-            expected = 0
-        else:
-            expected = len(piece.replace("\u2581", " ").encode())
-        assert sp.byte_lengths[i] == expected
+    for piece, expected in HAND_BYTE_LENGTHS.items():
+        i = processor.piece_to_id(piece)
+        assert processor.id_to_piece(i) == piece, f"{piece!r} is not in the model"
+        assert sp.byte_lengths[i] == expected, piece
+    for piece, expected in RARE_LETTER_BYTE_LENGTHS.items():
+        i = processor.piece_to_id(piece)
+        if processor.id_to_piece(i) == piece:
+            assert sp.byte_lengths[i] == expected, piece
+    # SentencePiece's layout: 3 control pieces, then the 256 byte pieces.
+    assert sp.byte_lengths[:3].tolist() == [0, 0, 0]
+    assert sp.byte_lengths[3:259].tolist() == [1] * 256
 
 
 def test_bits_per_byte_with_sentencepiece_counts_bytes_not_tokens(sp, sp_dir):
@@ -115,3 +128,86 @@ def test_load_split_memmaps_bytes_and_caches_tokens(sp, sp_dir):
         load_tokenizer(sp_dir, "sentencepiece", vocab_size=200)
     assert not list(sp_dir.glob("sp200*"))
 
+
+
+def _blocks_corpus(rng: np.random.Generator, block: int) -> bytes:
+    """Lines with multi-byte characters (2, 3 and 4 bytes, the meta space, an invalid byte) next
+    to every newline, around a newline-free stretch of 3-byte characters over 3 blocks long."""
+    letters = ["a", "b", "e", "t", " ", "é", "ж", "中", "😀", "▁"]
+
+    def line():
+        body = "".join(rng.choice(letters, int(rng.integers(5, 60))).tolist())
+        return (rng.choice(["é", "中", "😀"]) + body + rng.choice(["ж", "中", "😀"]) + "\n").encode()
+
+    stretch = "".join(chr(c) for c in rng.integers(0x4E00, 0x9FFF, block + 100)).encode()
+    assert len(stretch) > 3 * block and b"\n" not in stretch
+    before = b"".join(line() for _ in range(60))
+    after = b"".join(line() for _ in range(60)) + b"\xff\xfe tail \xe4\xb8"
+    return before + stretch + after
+
+
+def test_splits_larger_than_an_encoding_block_and_the_training_sample(tmp_path, monkeypatch):
+    """Both limits (4 MiB blocks, a 5 MB sample) at 1000 bytes: the split is encoded in many
+    blocks, one cut inside the newline-free stretch and so inside a UTF-8 character, and
+    SentencePiece trains on evenly spaced chunks of train.bin that reach both of its ends."""
+    block = 1000
+    monkeypatch.setattr(tokenizer_module, "_ENCODE_BLOCK_BYTES", block)
+    monkeypatch.setattr(tokenizer_module, "SP_TRAIN_SAMPLE_BYTES", block)
+    # The constant is train_sentencepiece's default argument, bound when the module was loaded.
+    monkeypatch.setattr(tokenizer_module.train_sentencepiece, "__defaults__", (block,))
+
+    import sentencepiece as spm
+
+    sentences = []
+    train_spm = spm.SentencePieceTrainer.train
+
+    def recording_train(**kwargs):
+        sentences.extend(kwargs.pop("sentence_iterator"))
+        return train_spm(sentence_iterator=iter(sentences), **kwargs)
+
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", staticmethod(recording_train))
+
+    rng = np.random.default_rng()
+    # "ж" for every "e": a frequent 2-byte letter, so the sampled model has it as a piece.
+    text = synthetic_corpus(30_000, seed=int(rng.integers(1 << 30))).replace(b"e", "ж".encode())
+    train = b"<head>" + text + b"<tail>\n"
+    held_out = _blocks_corpus(rng, block)
+    write_splits(train + held_out + held_out[::-1], tmp_path, (len(train), len(held_out), len(held_out)),
+                 {"corpus": "test"})
+    sp = load_tokenizer(tmp_path, "sentencepiece", vocab_size=340)
+
+    # The sample: at most 1000 bytes (newlines between chunks dropped), every line from train.bin,
+    # the first chunk at its start and the last at its end.
+    assert 0 < sum(len(line.encode()) for line in sentences) <= block
+    train_text = train.decode("utf-8", errors="ignore")
+    assert all(line in train_text for line in sentences)
+    assert sentences[0].startswith("<head>") and sentences[-1].endswith("<tail>")
+    zhe = sp._processor.piece_to_id("ж")
+    assert sp._processor.id_to_piece(zhe) == "ж" and sp.byte_lengths[zhe] == 2
+
+    blocks = []
+    encode = sp.encode
+    monkeypatch.setattr(sp, "encode", lambda data: blocks.append(data) or encode(data))
+    for split, raw in (("valid", held_out), ("test", held_out[::-1])):
+        blocks.clear()
+        tokens = load_split(tmp_path, split, sp)
+        assert sp.decode(tokens) == raw
+        assert int(sp.byte_lengths[np.asarray(tokens)].sum()) == len(raw)
+        assert b"".join(blocks) == raw and all(0 < len(b) <= block for b in blocks)
+        assert len(blocks) > len(raw) // block
+        assert any(b.endswith(b"\n") for b in blocks[:-1])
+        # The premise, for the text in reading order: a block cut inside a character.
+        if split == "valid":
+            assert any(_ends_inside_a_character(b) for b in blocks[:-1] if not b.endswith(b"\n"))
+
+
+def _ends_inside_a_character(data: bytes) -> bool:
+    """Whether data ends with the lead byte of a UTF-8 character and fewer continuation bytes
+    than that character needs."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:
+            return False
+        if byte >= 0xC0:  # a lead byte: 110xxxxx, 1110xxxx or 11110xxx
+            return (2 if byte < 0xE0 else 3 if byte < 0xF0 else 4) > back
+    return False

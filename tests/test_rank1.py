@@ -171,13 +171,26 @@ def test_non_contiguous_inputs():
     check_against_reference((x, weight, r, s, bias), generator=generator)
 
 
-def test_weight_gradient_rows_split_across_programs(monkeypatch):
-    """More rows than one dW program takes: partial tiles combine through the atomics."""
+@pytest.mark.parametrize("members", [1, 3])
+@pytest.mark.parametrize("shared_x", [False, True], ids=["member_x", "shared_x"])
+def test_weight_gradient_rows_split_across_programs(monkeypatch, shared_x, members):
+    """More rows than one dW program takes: partial tiles combine through the atomics.
+
+    The dW grid holds K x splits programs, each decoding its (member, split): a decode that is
+    not one-to-one scores some member's row blocks twice and others' never. K=3 with 6 splits
+    (neither equal to nor coprime with K) catches every such decode tried; 100 rows are 7 row
+    blocks of 16, the last one partial.
+    """
+    rows = 100
     monkeypatch.setattr(rank1, "_MIN_ROWS_PER_SPLIT", 8)
-    monkeypatch.setattr(rank1, "_multiprocessors", lambda device: 8)
-    assert rank1._row_splits(40, D_OUT, D_IN, 1, torch.device("cpu")) > 1
-    generator = torch.Generator().manual_seed(3)
-    check_against_reference(make_inputs(1, (1, 40, D_IN), torch.float32, "shared", generator), generator=generator)
+    monkeypatch.setattr(rank1, "_multiprocessors", lambda device: {1: 8, 3: 18}[members])
+    splits = rank1._row_splits(rows, D_OUT, D_IN, members, torch.device("cpu"))
+    assert splits == {1: 8, 3: 6}[members]
+    assert triton.cdiv(rows, SMALL_TILES.kwargs["BLOCK_M"]) == 7
+    generator = torch.Generator().manual_seed(zlib.crc32(f"split{shared_x}{members}".encode()))
+    x_shape = (rows, D_IN) if shared_x else (members, rows, D_IN)
+    inputs = make_inputs(members, x_shape, torch.float32, "member", generator)
+    check_against_reference(inputs, generator=generator)
 
 
 def test_only_requested_gradients_are_computed():
