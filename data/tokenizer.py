@@ -165,8 +165,8 @@ def load_split(data_dir: str | os.PathLike, split: str,
 
 
 def _encode_to_file(tokenizer: SentencePieceTokenizer, data: np.ndarray, path: Path, dtype: type) -> None:
-    """Encode data into path (atomically), in blocks cut after a newline so that no block
-    ends inside a UTF-8 character, with a progress bar."""
+    """Encode data into path (atomically), in blocks cut after a newline (or, in a longer line,
+    between UTF-8 characters), with a progress bar."""
     temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with open(temporary, "wb") as f, tqdm(total=len(data), unit="B", unit_scale=True,
@@ -177,6 +177,9 @@ def _encode_to_file(tokenizer: SentencePieceTokenizer, data: np.ndarray, path: P
                 newlines = np.flatnonzero(np.asarray(data[start:end]) == ord("\n"))
                 if end < len(data) and len(newlines):
                     end = start + int(newlines[-1]) + 1
+                elif end < len(data):  # no newline: at least never cut inside a UTF-8 character
+                    while end > start + 1 and data[end] & 0xC0 == 0x80:  # a continuation byte
+                        end -= 1
                 tokenizer.encode(bytes(data[start:end])).astype(dtype).tofile(f)
                 progress.update(end - start)
                 start = end

@@ -148,8 +148,8 @@ def _blocks_corpus(rng: np.random.Generator, block: int) -> bytes:
 
 def test_splits_larger_than_an_encoding_block_and_the_training_sample(tmp_path, monkeypatch):
     """Both limits (4 MiB blocks, a 5 MB sample) at 1000 bytes: the split is encoded in many
-    blocks, one cut inside the newline-free stretch and so inside a UTF-8 character, and
-    SentencePiece trains on evenly spaced chunks of train.bin that reach both of its ends."""
+    blocks, some cut inside the newline-free stretch (between characters), and SentencePiece
+    trains on evenly spaced chunks of train.bin that reach both of its ends."""
     block = 1000
     monkeypatch.setattr(tokenizer_module, "_ENCODE_BLOCK_BYTES", block)
     monkeypatch.setattr(tokenizer_module, "SP_TRAIN_SAMPLE_BYTES", block)
@@ -196,9 +196,11 @@ def test_splits_larger_than_an_encoding_block_and_the_training_sample(tmp_path, 
         assert b"".join(blocks) == raw and all(0 < len(b) <= block for b in blocks)
         assert len(blocks) > len(raw) // block
         assert any(b.endswith(b"\n") for b in blocks[:-1])
-        # The premise, for the text in reading order: a block cut inside a character.
+        # In reading order (valid UTF-8 up to the tail) the newline-free stretch is cut, but
+        # between characters: a piece never has to straddle two blocks' halves of one character.
         if split == "valid":
-            assert any(_ends_inside_a_character(b) for b in blocks[:-1] if not b.endswith(b"\n"))
+            assert any(not b.endswith(b"\n") for b in blocks[:-1])
+            assert not any(_ends_inside_a_character(b) for b in blocks[:-1])
 
 
 def _ends_inside_a_character(data: bytes) -> bool:
