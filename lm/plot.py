@@ -10,15 +10,11 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
+from matplotlib.backend_bases import FigureCanvasBase
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from lm.config import Config, ConfigError, load_config, resolve_step  # noqa: E402
-from lm.files import atomic_path  # noqa: E402
+from lm.config import Config, ConfigError, load_config, resolve_step
+from lm.files import atomic_path
 
 
 class PlotError(Exception):
@@ -64,7 +60,10 @@ def bpc_figure(cfg: Config, records: list[dict], title: str) -> Figure:
     if not train and not valid:
         raise PlotError("the metrics have no bpc records yet: plot after the first logged step")
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    # A bare Figure (no pyplot): nothing global is touched, no display is needed, and savefig
+    # picks the canvas for the file format.
+    fig = Figure(figsize=(8, 5), dpi=120)
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train", color="0.55", linewidth=1.0)
     # Without late-phase members the "averaged" model is the trained model itself.
@@ -111,9 +110,6 @@ def plot_run(run: Path, out: Path | None = None) -> Path:
     except (OSError, RuntimeError) as e:  # e.g. no permission, or .pgf without a TeX install
         reason = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise PlotError(f"cannot write {out} ({reason}); pick another --out") from None
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return out
 
 

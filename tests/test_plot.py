@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import matplotlib.image
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import yaml
@@ -47,7 +46,6 @@ def test_figure_has_one_line_per_kind_and_the_phase_markers(tmp_path):
     cfg = load_config(run / "config.yaml")
     fig = bpc_figure(cfg, records, "smoke")
     lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
-    plt.close(fig)
     assert set(lines) == {"train", "valid (averaged, 12,345 bytes)", "valid (ensemble, 12,345 bytes)",
                           "valid (swa, 12,345 bytes)", "T0 (step 60)", "swa_start (step 72)"}
     np.testing.assert_array_equal(lines["train"].get_xdata(), [r["step"] for r in records])
@@ -61,7 +59,6 @@ def test_plain_run_without_swa_has_no_markers(tmp_path):
     run, records = make_run(tmp_path, seed=2, overrides=["late_phase.mode=plain", "swa.enabled=false"], valid_bytes=None)
     fig = bpc_figure(load_config(run / "config.yaml"), records, "plain")
     lines = fig.axes[0].get_lines()
-    plt.close(fig)
     # A plain run's one model is plotted as "valid": there are no members it is an average of.
     assert [line.get_label() for line in lines] == ["train", "valid"]
     valid = [(r["step"], r["valid_bpc"]["averaged"]) for r in records if "valid_bpc" in r]
@@ -72,7 +69,6 @@ def test_plain_run_with_swa_labels_the_swa_curve(tmp_path):
     run, records = make_run(tmp_path, seed=6, overrides=["late_phase.mode=plain"])
     fig = bpc_figure(load_config(run / "config.yaml"), records, "plain")
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
-    plt.close(fig)
     assert labels == ["train", "valid, 12,345 bytes", "valid (swa, 12,345 bytes)", "swa_start (step 72)"]
 
 

@@ -34,11 +34,17 @@ from kernels import rank1_lstm
 from lm.config import ModelConfig
 from lm.late_phase import Member, Rank1Factors, check_member
 
-# Folded weights are fresh tensors on every call, so cuDNN's "weights are not part of a single
-# contiguous chunk" advice (call flatten_parameters) cannot apply to them.
-warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk")
-
 LSTMState = tuple[torch.Tensor, torch.Tensor]
+
+
+def _lstm_with_weights(lstm: nn.LSTM, weights: dict[str, torch.Tensor], x: torch.Tensor,
+                       state: LSTMState | None) -> tuple[torch.Tensor, LSTMState]:
+    """nn.LSTM run with `weights` in place of its own (autograd reaches them)."""
+    with warnings.catch_warnings():
+        # Folded weights are fresh tensors on every call, so cuDNN's "weights are not part of a
+        # single contiguous chunk" advice (call flatten_parameters) cannot apply to them.
+        warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk")
+        return functional_call(lstm, weights, (x, state))
 
 
 class LatePhaseLSTM(nn.Module):
@@ -78,7 +84,7 @@ class LatePhaseLSTM(nn.Module):
         """One member on the whole batch: x (B, T, E) -> out (B, T, H), state (layers, B, H) pair."""
         if self.factors is None:
             return self.lstm(x, state)
-        return functional_call(self.lstm, self.member_weights(member), (x, state))
+        return _lstm_with_weights(self.lstm, self.member_weights(member), x, state)
 
     def all_members(self, x: torch.Tensor, state: LSTMState | None, shared_input: bool,
                     how: str, cuda_graphs: bool = True) -> tuple[torch.Tensor, LSTMState]:
