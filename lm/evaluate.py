@@ -19,6 +19,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_model
 from torch import nn
@@ -57,7 +58,7 @@ def evaluate_bpc(
     context: int | None = None,
     stride: int | None = None,
     byte_lengths: np.ndarray | None = None,
-    accelerator=None,
+    accelerator: Accelerator | None = None,
     max_tokens: int | None = None,
     progress: str | None = None,
 ) -> EvalResult:
@@ -252,7 +253,7 @@ def evaluate_run(
     batch_size: int | None = None,
     context: int | None = None,
     stride: int | None = None,
-    accelerator=None,
+    accelerator: Accelerator | None = None,
     progress: bool = False,
 ) -> tuple[dict[str, EvalResult], list[str], int]:
     """Evaluate the requested model kinds of `path` on `split`: (results by row name, notes, bytes of

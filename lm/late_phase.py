@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import rank1_linear
+from lm.config import LatePhaseConfig, TrainConfig
 
 Member = Union[int, str]  # int k | "parallel" | "all"
 STACKED = ("parallel", "all")
@@ -293,7 +294,7 @@ class MemberSchedule:
             raise ValueError(f"late_phase.gamma must be 'sum' or 'mean', got {self.gamma!r}")
 
     @classmethod
-    def from_config(cls, lp_cfg, T0_step: int) -> "MemberSchedule":
+    def from_config(cls, lp_cfg: LatePhaseConfig, T0_step: int | None) -> MemberSchedule:
         """From a LatePhaseConfig and T0 already resolved to a step (lm.config.resolve_step)."""
         if lp_cfg.mode != "late_phase" or lp_cfg.K == 1:
             return cls(1, None, lp_cfg.schedule, lp_cfg.gamma)
@@ -451,7 +452,8 @@ class MemberSGD(MemberOptimizer):
         torch._foreach_add_(params, grads, alpha=-group["lr"])
 
 
-def build_optimizers(model: nn.Module, train_cfg, lp_cfg) -> tuple[torch.optim.Optimizer, MemberOptimizer | None]:
+def build_optimizers(model: nn.Module, train_cfg: TrainConfig,
+                     lp_cfg: LatePhaseConfig) -> tuple[torch.optim.Optimizer, MemberOptimizer | None]:
     """(shared optimiser, member optimiser or None for a plain model) from TrainConfig/LatePhaseConfig.
 
     Adam means AdamW-style decoupled weight decay for both; the member rows use late_phase.weight_decay
@@ -501,7 +503,8 @@ class LatePhaseStepper:
     `clip(params)` clips the gradients of `params` (e.g. accelerator.clip_grad_norm_).
     """
 
-    def __init__(self, model: nn.Module, schedule: MemberSchedule, shared_optimizer, member_optimizer,
+    def __init__(self, model: nn.Module, schedule: MemberSchedule, shared_optimizer: torch.optim.Optimizer,
+                 member_optimizer: MemberOptimizer | None,
                  clip: Callable[[list[nn.Parameter]], object] | None = None, *, sigma0: float = 0.0, seed: int = 0):
         self.model = model
         self.schedule = schedule

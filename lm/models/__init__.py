@@ -15,6 +15,7 @@ import copy
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -68,7 +69,7 @@ def plain_like(model: nn.Module) -> nn.Module:
     return plain.to(device=reference.device, dtype=reference.dtype)
 
 
-def detach_state(state):
+def detach_state(state: Any) -> Any:
     """Cut the graph between truncated-BPTT windows (any nesting of tensors; None passes)."""
     if state is None:
         return None

@@ -140,7 +140,8 @@ class LSTMLM(nn.Module):
         self.rnn = LatePhaseLSTM(cfg.embed_dim, cfg.hidden_size, cfg.num_layers, num)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
 
-    def forward(self, inputs: torch.Tensor, state=None, member: Member = 0):
+    def forward(self, inputs: torch.Tensor, state: LSTMState | None = None,
+                member: Member = 0) -> tuple[torch.Tensor, LSTMState]:
         check_member(member, max(self.num, 1))
         if isinstance(member, str) and self.num == 0:
             if member == "parallel":

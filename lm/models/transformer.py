@@ -121,7 +121,7 @@ class TransformerLM(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, inputs: torch.Tensor, state=None, member: Member = 0):
+    def forward(self, inputs: torch.Tensor, state: None = None, member: Member = 0) -> tuple[torch.Tensor, None]:
         check_member(member, max(self.num, 1))
         B, T = inputs.shape
         if T > self.cfg.max_seq_len:
