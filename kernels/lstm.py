@@ -36,7 +36,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels import rank1
-from kernels.rank1 import IMPLS, SUPPORTED_DTYPES, _mma, interpreting
+from kernels.rank1 import IMPLS, SUPPORTED_DTYPES, mma, resolve_impl
 
 
 # --------------------------------------------------------------------------------------
@@ -147,11 +147,11 @@ def _lstm_step_fwd_kernel(
         s = tl.load(s_ptrs, mask=mask_rd, other=0.0)
         hs = (h.to(tl.float32) * s.to(tl.float32)).to(w_ptr.dtype.element_ty)
         mask_w = mask_d[:, None] & mask_u[None, :]
-        acc_i = _mma(hs, tl.load(wt_ptrs, mask=mask_w, other=0.0), acc_i, DOT_PRECISION, UPCAST)
-        acc_f = _mma(hs, tl.load(wt_ptrs + gate_step, mask=mask_w, other=0.0), acc_f, DOT_PRECISION, UPCAST)
-        acc_g = _mma(hs, tl.load(wt_ptrs + 2 * gate_step, mask=mask_w, other=0.0), acc_g, DOT_PRECISION,
+        acc_i = mma(hs, tl.load(wt_ptrs, mask=mask_w, other=0.0), acc_i, DOT_PRECISION, UPCAST)
+        acc_f = mma(hs, tl.load(wt_ptrs + gate_step, mask=mask_w, other=0.0), acc_f, DOT_PRECISION, UPCAST)
+        acc_g = mma(hs, tl.load(wt_ptrs + 2 * gate_step, mask=mask_w, other=0.0), acc_g, DOT_PRECISION,
                            UPCAST)
-        acc_o = _mma(hs, tl.load(wt_ptrs + 3 * gate_step, mask=mask_w, other=0.0), acc_o, DOT_PRECISION,
+        acc_o = mma(hs, tl.load(wt_ptrs + 3 * gate_step, mask=mask_w, other=0.0), acc_o, DOT_PRECISION,
                            UPCAST)
         h_ptrs += BLOCK_D
         s_ptrs += BLOCK_D
@@ -213,7 +213,7 @@ def _lstm_step_bwd_kernel(
             r = tl.load(r_ptrs, mask=mask_rn, other=0.0)
             dgr = (dg.to(tl.float32) * r.to(tl.float32)).to(w_ptr.dtype.element_ty)
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_u[None, :], other=0.0)
-            acc = _mma(dgr, w, acc, DOT_PRECISION, UPCAST)
+            acc = mma(dgr, w, acc, DOT_PRECISION, UPCAST)
             dg_ptrs += BLOCK_N
             r_ptrs += BLOCK_N
             w_ptrs += BLOCK_N * H
@@ -260,8 +260,8 @@ class _TritonSteps:
             x_gates.stride(0), x_gates.stride(1), h.stride(0), h.stride(1), c_prev.stride(0), c_prev.stride(1),
             h_out.stride(0), h_out.stride(1),
             SAVE=act_out is not None,
-            ALIGN=rank1._alignment(hidden, *x_gates.stride()[:2], *h.stride()[:2], *h_out.stride()[:2]),
-            **rank1._dot_args(x_gates.dtype),
+            ALIGN=rank1.alignment(hidden, *x_gates.stride()[:2], *h.stride()[:2], *h_out.stride()[:2]),
+            **rank1.dot_args(x_gates.dtype),
         )
 
     @staticmethod
@@ -278,18 +278,18 @@ class _TritonSteps:
             dgn.stride(0), dgn.stride(1), dout.stride(0), dout.stride(1), c_prev.stride(0), c_prev.stride(1),
             dgates_out.stride(0), dgates_out.stride(1),
             RECURRENT=recurrent,
-            ALIGN=rank1._alignment(hidden, *dgn.stride()[:2], *dgates_out.stride()[:2]),
-            **rank1._dot_args(dout.dtype),
+            ALIGN=rank1.alignment(hidden, *dgn.stride()[:2], *dgates_out.stride()[:2]),
+            **rank1.dot_args(dout.dtype),
         )
         return dc_prev
 
     @staticmethod
     def recurrent_grad(dgates, weight, r, s) -> torch.Tensor:
-        return rank1._backward_dx(dgates, weight, r, s, shared=False)
+        return rank1.backward_dx(dgates, weight, r, s, shared=False)
 
     @staticmethod
     def param_grads(h_prev, dgates, weight, r, s):
-        dw, dr, ds, _ = rank1._backward_params(h_prev, dgates, weight, r, s, None, shared=False)
+        dw, dr, ds, _ = rank1.backward_params(h_prev, dgates, weight, r, s, None, shared=False)
         return dw, dr, ds
 
 
@@ -486,7 +486,7 @@ class _WindowGraphs:
         self.by_shape: dict[tuple, list[_WindowGraph]] = {}
 
     def acquire(self, impl: str, save: bool, inputs: list[torch.Tensor]) -> _WindowGraph | None:
-        # float32 dots follow torch's TF32 setting when a graph is captured (rank1._dot_args). A
+        # float32 dots follow torch's TF32 setting when a graph is captured (rank1.dot_args). A
         # graph's buffers are reused in the order of one stream's work, so each stream has its own.
         stream = torch.cuda.current_stream(inputs[0].device).cuda_stream if inputs[0].is_cuda else None
         key = (impl, save, rank1.tf32_matmuls(), stream, *((t.shape, t.dtype, t.device) for t in inputs))
@@ -589,13 +589,7 @@ def rank1_lstm(x_gates: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: 
         # The cell runs in float32 (float64 for float64 gates) whatever the gates' dtype.
         c0 = c0.to(torch.promote_types(x_gates.dtype, torch.float32))
     _validate(x_gates, weight, r, s, h0, c0)
-    if impl == "auto":
-        impl = "triton" if (x_gates.is_cuda or interpreting()) and x_gates.dtype != torch.float64 else "eager"
-    if impl == "triton":
-        if not (x_gates.is_cuda or interpreting()):
-            raise ValueError("rank1_lstm: impl='triton' needs CUDA tensors or TRITON_INTERPRET=1; use impl='eager' on CPU")
-        if x_gates.dtype == torch.float64:
-            raise ValueError("rank1_lstm: impl='triton' takes float32, bfloat16 or float16; float64 runs with impl='eager'")
+    impl = resolve_impl("rank1_lstm", impl, x_gates)
     # Activations are kept for a backward only when one can follow.
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x_gates, weight, r, s, h0, c0))
     # The kernels read rows of x_gates, h0 and c0 through their (K, B) strides but need unit

@@ -143,7 +143,7 @@ def _grouped_tile(pid, num_rows, num_cols, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b. UPCAST works around the CPU interpreter (triton 3.9), which multiplies
     bfloat16 operands as their raw uint16 bits: products of bf16 values are exact in float32,
     so the upcast dot gives what the GPU's bf16 dot with float32 accumulation gives."""
@@ -178,7 +178,7 @@ def _rank1_fwd_kernel(
     mask_n = offs_n < N
 
     # stride_xk is 0 for shared x: every member reads the same rows. Row starts are multiples of
-    # ALIGN elements (see `_alignment`).
+    # ALIGN elements (see `alignment`).
     x_rows = tl.multiple_of(k * stride_xk + offs_m[:, None] * stride_xm, [ALIGN, ALIGN])
     x_ptrs = x_ptr + x_rows + offs_d[None, :] * stride_xd
     wt_rows = tl.multiple_of(offs_n[None, :] * stride_wn, [ALIGN, ALIGN])
@@ -192,7 +192,7 @@ def _rank1_fwd_kernel(
         s = tl.load(s_ptrs, mask=mask_d, other=0.0)
         xs = (x.to(tl.float32) * s.to(tl.float32)[None, :]).to(w_ptr.dtype.element_ty)
         wt = tl.load(wt_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-        acc = _mma(xs, wt, acc, DOT_PRECISION, UPCAST)
+        acc = mma(xs, wt, acc, DOT_PRECISION, UPCAST)
         x_ptrs += BLOCK_D * stride_xd
         wt_ptrs += BLOCK_D * stride_wd
         s_ptrs += BLOCK_D * stride_sd
@@ -248,7 +248,7 @@ def _rank1_dx_kernel(
             r = tl.load(r_ptrs, mask=mask_n, other=0.0)
             dyr = (dy.to(tl.float32) * r.to(tl.float32)[None, :]).to(w_ptr.dtype.element_ty)
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            acc = _mma(dyr, w, acc, DOT_PRECISION, UPCAST)
+            acc = mma(dyr, w, acc, DOT_PRECISION, UPCAST)
             dy_ptrs += BLOCK_N * stride_dyn
             w_ptrs += BLOCK_N * stride_wn
             r_ptrs += BLOCK_N * stride_rn
@@ -315,7 +315,7 @@ def _rank1_dw_kernel(
         mask_m = offs_m < M - m0
         dyt = tl.load(dyt_ptrs, mask=mask_n[:, None] & mask_m[None, :], other=0.0)
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        p = _mma(dyt, x, p, DOT_PRECISION, UPCAST)
+        p = mma(dyt, x, p, DOT_PRECISION, UPCAST)
         dyt_ptrs += row_step * stride_dym
         x_ptrs += row_step * stride_xm
 
@@ -341,7 +341,7 @@ def output_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _alignment(*sizes: int) -> int:
+def alignment(*sizes: int) -> int:
     """Largest power of two (at most 16) dividing every size and stride a kernel's tiles start at.
 
     The JIT only marks ints divisible by 16, so with d_in = 500 Triton cannot prove that rows
@@ -364,7 +364,7 @@ def tf32_matmuls() -> bool:
     return precision == "tf32" if precision != "none" else torch.backends.cuda.matmul.allow_tf32
 
 
-def _dot_args(dtype: torch.dtype) -> dict:
+def dot_args(dtype: torch.dtype) -> dict:
     # float32 dots follow torch's matmul setting: TF32 tensor cores only when the user allowed
     # them for torch.matmul too, so the fused layer is as exact as the eager one it replaces.
     ieee = dtype == torch.float32 and not tf32_matmuls()
@@ -409,13 +409,13 @@ def _forward(x3: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: torch.T
         stride_bk, b.stride(-1),
         y.stride(0), y.stride(1), y.stride(2),
         HAS_BIAS=bias is not None,
-        ALIGN=_alignment(d, x3.stride(0) if not shared else 0, x3.stride(-2), weight.stride(0)),
-        **_dot_args(x3.dtype),
+        ALIGN=alignment(d, x3.stride(0) if not shared else 0, x3.stride(-2), weight.stride(0)),
+        **dot_args(x3.dtype),
     )
     return y
 
 
-def _backward_dx(dy: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: torch.Tensor,
+def backward_dx(dy: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: torch.Tensor,
                  shared: bool) -> torch.Tensor:
     members, m, n = dy.shape
     d = weight.shape[1]
@@ -430,13 +430,13 @@ def _backward_dx(dy: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: tor
         r.stride(0), r.stride(1),
         s.stride(0), s.stride(1),
         dx.stride(0), dx.stride(1), dx.stride(2),
-        ALIGN=_alignment(n, d, dy.stride(0), dy.stride(1), weight.stride(0)),
-        **_dot_args(dy.dtype),
+        ALIGN=alignment(n, d, dy.stride(0), dy.stride(1), weight.stride(0)),
+        **dot_args(dy.dtype),
     )
     return dx[0] if shared else dx
 
 
-def _backward_params(x3: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, r: torch.Tensor,
+def backward_params(x3: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, r: torch.Tensor,
                      s: torch.Tensor, bias_dim: int | None, shared: bool):
     """float32 (dW, dr, ds, dbias-or-None): the first three accumulated by atomics from zero."""
     members, m, n = dy.shape
@@ -456,8 +456,8 @@ def _backward_params(x3: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, r
         weight.stride(0), weight.stride(1),
         r.stride(0), r.stride(1),
         s.stride(0), s.stride(1),
-        ALIGN=_alignment(n, d, dy.stride(0), dy.stride(1), 0 if shared else x3.stride(0), x3.stride(-2)),
-        **_dot_args(dy.dtype),
+        ALIGN=alignment(n, d, dy.stride(0), dy.stride(1), 0 if shared else x3.stride(0), x3.stride(-2)),
+        **dot_args(dy.dtype),
     )
     # One pass over dy, apart from the kernel (see its docstring).
     db = None if bias_dim is None else dy.sum(dim=1 if bias_dim == 2 else (0, 1), dtype=torch.float32)
@@ -483,11 +483,11 @@ class Rank1LinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x3, weight, r, s = ctx.saved_tensors
         need_x, need_w, need_r, need_s, need_b = ctx.needs_input_grad
-        dx = _backward_dx(dy, weight, r, s, ctx.shared) if need_x else None
+        dx = backward_dx(dy, weight, r, s, ctx.shared) if need_x else None
         dw = dr = ds = db = None
         if need_w or need_r or need_s or need_b:
             bias_dim = ctx.bias_dim if need_b else None
-            dw32, dr32, ds32, db32 = _backward_params(x3, dy, weight, r, s, bias_dim, ctx.shared)
+            dw32, dr32, ds32, db32 = backward_params(x3, dy, weight, r, s, bias_dim, ctx.shared)
             dw = dw32.to(weight.dtype) if need_w else None
             dr = dr32.to(r.dtype) if need_r else None
             ds = ds32.to(s.dtype) if need_s else None
@@ -541,6 +541,20 @@ def _validate(x, weight, r, s, bias) -> None:
             raise ValueError(f"rank1_linear: {name} is on {t.device} but x is on {x.device}; use one device")
 
 
+def resolve_impl(op: str, impl: str, x: torch.Tensor) -> str:
+    """The implementation `op` runs for input `x`: "auto" is "triton" on CUDA tensors or under
+    TRITON_INTERPRET=1 and "eager" otherwise (and for float64, which is for references and
+    gradient checks: the kernels do not take it); an explicit "triton" must be able to run."""
+    runnable = x.is_cuda or interpreting()
+    if impl == "auto":
+        return "triton" if runnable and x.dtype != torch.float64 else "eager"
+    if impl == "triton" and not runnable:
+        raise ValueError(f"{op}: impl='triton' needs CUDA tensors or TRITON_INTERPRET=1; use impl='eager' on CPU")
+    if impl == "triton" and x.dtype == torch.float64:
+        raise ValueError(f"{op}: impl='triton' takes float32, bfloat16 or float16; float64 runs with impl='eager'")
+    return impl
+
+
 def rank1_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -570,9 +584,7 @@ def rank1_linear(
         with torch.autocast(x.device.type, enabled=False):
             return rank1_linear(x, weight, r, s, bias, impl=impl)
     _validate(x, weight, r, s, bias)
-    if impl == "auto":
-        # float64 is for references and gradient checks: the kernels do not take it.
-        impl = "triton" if (x.is_cuda or interpreting()) and x.dtype != torch.float64 else "eager"
+    impl = resolve_impl("rank1_linear", impl, x)
     # Leading batch dims of per-member x fold into the rows (a view when the strides allow).
     x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 3 else x
     if impl == "folded" or (impl == "eager" and folding_pays(x3.shape[-2], *weight.shape[::-1])):
@@ -580,12 +592,6 @@ def rank1_linear(
     elif impl == "eager":
         out = rank1_linear_eager(x3, weight, r, s, bias)
     else:
-        if not (x.is_cuda or interpreting()):
-            raise ValueError(
-                "rank1_linear: impl='triton' needs CUDA tensors or TRITON_INTERPRET=1; use impl='eager' on CPU"
-            )
-        if x.dtype == torch.float64:
-            raise ValueError("rank1_linear: impl='triton' takes float32, bfloat16 or float16; float64 runs with impl='eager'")
         with on_device(x.device):  # Triton launches on the current device
             out = Rank1LinearFunction.apply(x3, weight, r, s, bias)
     return out.reshape(*x.shape[:-1], weight.shape[0]) if x.dim() > 3 else out

@@ -30,7 +30,7 @@ def check_distributed_type(distributed_type: DistributedType) -> None:
 
 def use_tf32(enabled: bool) -> None:
     """Let (or forbid) float32 matmuls and cuDNN ops on CUDA use TF32 tensor cores; the fused
-    Triton kernels read the same switch (kernels.rank1._dot_args)."""
+    Triton kernels read the same switch (kernels.rank1.dot_args)."""
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
 

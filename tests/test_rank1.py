@@ -136,16 +136,16 @@ def test_sizes_that_are_multiples_of_four(shared_x):
     x_shape = (rows, d_in) if shared_x else (members, rows, d_in)
     generator = torch.Generator().manual_seed(11)
     inputs = make_inputs(members, x_shape, torch.float32, "member", generator, d_out=d_out)
-    assert rank1._alignment(d_in, d_out, rows * d_in, d_in, rows * d_out) == 4
+    assert rank1.alignment(d_in, d_out, rows * d_in, d_in, rows * d_out) == 4
     check_against_reference(inputs, generator=generator)
 
 
 def test_alignment_is_the_largest_power_of_two_dividing_all():
-    assert rank1._alignment(512, 2048, 0) == 16
-    assert rank1._alignment(500, 2000, 256 * 500) == 4
-    assert rank1._alignment(756, 2000) == 4
-    assert rank1._alignment(2000, 1000, 24) == 8
-    assert rank1._alignment(33, 64) == 1
+    assert rank1.alignment(512, 2048, 0) == 16
+    assert rank1.alignment(500, 2000, 256 * 500) == 4
+    assert rank1.alignment(756, 2000) == 4
+    assert rank1.alignment(2000, 1000, 24) == 8
+    assert rank1.alignment(33, 64) == 1
 
 
 def test_default_interpreter_config_on_several_of_its_tiles(default_tiles):

@@ -62,12 +62,24 @@ def test_float32_dots_follow_torch_tf32_setting_through_either_api():
     try:
         for precision in ("tf32", "ieee"):
             matmul.fp32_precision = precision
-            assert rank1._dot_args(torch.float32)["DOT_PRECISION"] == precision
+            assert rank1.dot_args(torch.float32)["DOT_PRECISION"] == precision
         matmul.fp32_precision = "none"
         for allowed, precision in ((True, "tf32"), (False, "ieee")):
             matmul.allow_tf32 = allowed
-            assert rank1._dot_args(torch.float32)["DOT_PRECISION"] == precision
-        assert rank1._dot_args(torch.bfloat16)["DOT_PRECISION"] == "tf32"  # only float32 has the choice
+            assert rank1.dot_args(torch.float32)["DOT_PRECISION"] == precision
+        assert rank1.dot_args(torch.bfloat16)["DOT_PRECISION"] == "tf32"  # only float32 has the choice
     finally:
         matmul.fp32_precision = "none"
         matmul.allow_tf32 = saved
+
+
+def test_triton_on_cpu_without_the_interpreter_says_how(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    generator = torch.Generator().manual_seed(12)
+    inputs = make_inputs(2, (2, 4, 6), torch.float32, None, generator, d_out=5)
+    with pytest.raises(ValueError, match=r"rank1_linear: impl='triton' needs CUDA tensors or TRITON_INTERPRET=1"):
+        kernels.rank1_linear(*inputs, impl="triton")
+    x_gates, h = torch.randn(2, 3, 4, 4 * 5), torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match=r"rank1_lstm: impl='triton' needs CUDA tensors"):
+        kernels.rank1_lstm(x_gates, torch.randn(20, 5), torch.randn(2, 20), torch.randn(2, 5), h, h, impl="triton")
+    assert kernels.rank1_linear(*inputs, impl="auto").shape == (2, 4, 5)  # auto takes eager here

@@ -28,21 +28,21 @@ for (K, M, d, n) in [(8, 4096, 512, 2048), (4, 4096, 500, 2000), (10, 16384, 102
     flop = 2 * K * M * d * n
     res = {}
     res["fwd"] = ms(lambda: rank1._forward(x, w, r, s, b, False))
-    res["dx"] = ms(lambda: rank1._backward_dx(dy, w, r, s, False))
-    res["dw+bias"] = ms(lambda: rank1._backward_params(x, dy, w, r, s, 2, False))
-    res["dw"] = ms(lambda: rank1._backward_params(x, dy, w, r, s, None, False))
+    res["dx"] = ms(lambda: rank1.backward_dx(dy, w, r, s, False))
+    res["dw+bias"] = ms(lambda: rank1.backward_params(x, dy, w, r, s, 2, False))
+    res["dw"] = ms(lambda: rank1.backward_params(x, dy, w, r, s, None, False))
     cfg = rank1._rank1_dw_kernel.best_config
     real = rank1._row_splits
     for splits in (1, 2, 4, 8):
         rank1._row_splits = lambda *a, _s=splits: _s
         rank1._rank1_dw_kernel.cache.clear()
-        res[f"dw splits={splits}"] = ms(lambda: rank1._backward_params(x, dy, w, r, s, None, False))
+        res[f"dw splits={splits}"] = ms(lambda: rank1.backward_params(x, dy, w, r, s, None, False))
     rank1._row_splits = real
     for i, c in enumerate(rank1.DW_CONFIGS):
         saved = rank1._rank1_dw_kernel.configs
         rank1._rank1_dw_kernel.configs = [c]
         try:
-            res[f"dw cfg{i}"] = ms(lambda: rank1._backward_params(x, dy, w, r, s, None, False))
+            res[f"dw cfg{i}"] = ms(lambda: rank1.backward_params(x, dy, w, r, s, None, False))
         except OutOfResources:
             res[f"dw cfg{i}"] = float("nan")
         rank1._rank1_dw_kernel.configs = saved
