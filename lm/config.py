@@ -77,7 +77,7 @@ class ModelConfig:
 class LatePhaseConfig:
     mode: str = "late_phase"  # plain | rank1 | late_phase
     K: int = 10
-    T0: float = 0.5  # int >= 1: a step; float in [0, 1): fraction of train.max_steps
+    T0: int | float = 0.5  # int >= 1: a step; float in [0, 1): fraction of train.max_steps
     schedule: str = "sequential"  # sequential (paper's Algorithm 1) | parallel
     sigma0: float = 0.0  # relative noise added to member factors at T0
     gamma: str = "sum"  # sum | mean: shared-weight step on the sum or mean of K gradients
@@ -90,7 +90,7 @@ class LatePhaseConfig:
 @dataclass
 class SWAConfig:
     enabled: bool = False
-    start: float = 0.75  # int >= 1: a step; float in [0, 1): fraction of train.max_steps
+    start: int | float = 0.75  # int >= 1: a step; float in [0, 1): fraction of train.max_steps
     every: int = 1000  # steps between snapshots
 
 
@@ -103,7 +103,7 @@ class TrainConfig:
     optimizer: str = "adam"  # adam | sgd
     lr: float = 2e-3
     weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's; with optimizer sgd, betas[0] is the momentum
     lr_schedule: str = "constant"  # constant | cosine
     warmup_steps: int = 0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
@@ -224,9 +224,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        # An int stays an int: fields like late_phase.T0 read an int as a step and a float as a fraction.
+        # (late_phase.T0 and swa.start are int | float: the int option, tried first, keeps a step a step.)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return value
+            return float(value)
         if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
             return float(value)
     elif tp is str:

@@ -152,3 +152,10 @@ def test_odd_head_size_is_fine_with_learned_positions():
     inputs = torch.randint(0, 256, (2, 8))
     logits, _ = model(inputs, None, member=0)
     assert logits.shape == (2, 8, 256) and torch.isfinite(logits).all()
+
+
+def test_a_step_stays_an_int_and_a_float_key_holds_a_float():
+    cfg = load_config(None, ["late_phase.T0=600", "swa.start=0.5", "train.lr=1", "swa.enabled=true"])
+    assert (cfg.late_phase.T0, type(cfg.late_phase.T0)) == (600, int)  # a step
+    assert (cfg.swa.start, type(cfg.swa.start)) == (0.5, float)  # a fraction
+    assert (cfg.train.lr, type(cfg.train.lr)) == (1.0, float)
