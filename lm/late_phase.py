@@ -33,14 +33,20 @@ Member = Union[int, str]  # int k | "parallel" | "all"
 STACKED = ("parallel", "all")
 
 
-def check_member(member: Member, num: int) -> None:
-    """Raise a one-line error for a member argument a model cannot run."""
+def check_member(member: Member, stored: int, batch: int) -> None:
+    """Raise a one-line error for a member argument that a model storing `stored` members
+    (0: a plain model, which is member 0) cannot run on `batch` rows."""
+    num = max(stored, 1)
     if isinstance(member, bool) or not isinstance(member, (int, str)):
         raise ValueError(f"member must be an int or 'parallel'/'all', got {member!r}")
     if isinstance(member, str) and member not in STACKED:
         raise ValueError(f"member must be an int or 'parallel'/'all', got {member!r}")
     if isinstance(member, int) and not 0 <= member < num:
         raise ValueError(f"member {member} out of range: this model has {num} member(s) (0..{num - 1})")
+    if member == "parallel" and stored == 0:
+        raise ValueError("member='parallel' needs a late-phase model; a plain model has one member (0)")
+    if member == "parallel" and batch % stored:
+        raise ValueError(f"member='parallel' needs a batch that is a multiple of K={stored}, got {batch} rows")
 
 
 class MemberRows(nn.Module):

@@ -167,11 +167,18 @@ def test_plain_like_leaves_the_global_random_state_as_it_was(name):
     assert is_plain(plain) and type(plain) is type(model)
 
 
+@pytest.mark.parametrize("family", ["lstm", "transformer"])
+def test_parallel_needs_members_and_a_batch_they_share(family):
+    x = torch.randint(0, 256, (4, 5))
+    with pytest.raises(ValueError, match="multiple of K=3, got 4 rows"):
+        late_model(family)(x, None, "parallel")
+    with pytest.raises(ValueError, match="needs a late-phase model"):
+        build_model(TINY[family], LatePhaseConfig(mode="plain"))(x, None, "parallel")
+
+
 def test_bad_member_arguments_give_one_line_errors():
     model = late_model("transformer")
     x = torch.randint(0, 256, (4, 5))
-    with pytest.raises(ValueError, match="multiple of K=3"):
-        model(x, None, "parallel")
     with pytest.raises(ValueError, match="member 3 out of range"):
         model(x, None, 3)
     with pytest.raises(ValueError, match="'ensemble'"):

@@ -142,10 +142,8 @@ class LSTMLM(nn.Module):
 
     def forward(self, inputs: torch.Tensor, state: LSTMState | None = None,
                 member: Member = 0) -> tuple[torch.Tensor, LSTMState]:
-        check_member(member, max(self.num, 1))
-        if isinstance(member, str) and self.num == 0:
-            if member == "parallel":
-                raise ValueError("member='parallel' needs a late-phase model; a plain model has one member (0)")
+        check_member(member, self.num, inputs.shape[0])
+        if member == "all" and self.num == 0:
             logits, new_state = self.forward(inputs, None if state is None else _unstack(state, 0), 0)
             return logits.unsqueeze(0), _stack([new_state])
         x = self.embed(inputs)
@@ -161,9 +159,7 @@ class LSTMLM(nn.Module):
 
     def _forward_parallel(self, x: torch.Tensor, state: LSTMState | None, how: str):
         """Row b through member b % K; state keeps the batch layout (layers, B, H)."""
-        batch, K = x.shape[0], self.num
-        if batch % K:
-            raise ValueError(f"member='parallel' needs a batch that is a multiple of K={K}, got {batch} rows")
+        K = self.num
         member_state = None if state is None else tuple(_rows_to_members(s, 1, K) for s in state)
         out, (h, c) = self.rnn.all_members(_rows_to_members(x, 0, K), member_state, shared_input=False, how=how,
                                            cuda_graphs=self.cfg.lstm_cuda_graphs)

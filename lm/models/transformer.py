@@ -122,17 +122,13 @@ class TransformerLM(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, inputs: torch.Tensor, state: None = None, member: Member = 0) -> tuple[torch.Tensor, None]:
-        check_member(member, max(self.num, 1))
         B, T = inputs.shape
+        check_member(member, self.num, B)
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        if isinstance(member, str) and self.num == 0:
-            if member == "parallel":
-                raise ValueError("member='parallel' needs a late-phase model; a plain model has one member (0)")
+        if member == "all" and self.num == 0:
             return self.forward(inputs, None, 0)[0].unsqueeze(0), None
         if member == "parallel":
-            if B % self.num:
-                raise ValueError(f"member='parallel' needs a batch that is a multiple of K={self.num}, got {B} rows")
             inputs = inputs.view(B // self.num, self.num, T).transpose(0, 1)  # (K, B/K, T), row b -> b % K
         x = self.embed(inputs)
         rotary = None
