@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -400,6 +401,8 @@ class Trainer:
         final = self.out_dir / "final"
         tmp = self.out_dir / f"final.tmp-{os.getpid()}"
         if self.is_main:
+            for stale in (*self.out_dir.glob("final.tmp-*"), *self.out_dir.glob("final.old-*")):
+                shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while exporting
             tmp.mkdir(parents=True)
             for kind, model in {"averaged": self.averaged_model(), "swa": self.swa_model()}.items():
                 if model is not None:

@@ -458,7 +458,10 @@ def test_cli_prints_valid_and_test_bpc_with_the_bytes_scored(capsys, tmp_path, d
     # Resuming a finished run exports and scores it again, and says so.
     out = tmp_path / "finished"
     shutil.copytree(reference_run, out)
+    for stale in ("final.tmp-999999", "final.old-999999"):  # an export killed half-way
+        (out / stale / "averaged").mkdir(parents=True)
     assert train_lm.main(["--config", str(SMOKE), *tiny_args(out, data_dir), "--resume"]) == 0
+    assert not list(out.glob("final.*"))
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert "is the run's last step" in printed
