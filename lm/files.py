@@ -1,6 +1,8 @@
 """Crash-safe writes: a reader sees the old file (or directory) or the new one, never a torn one.
 
-Every output of lm/ (results, metrics, exported models, checkpoints, plots) goes through here.
+Every file lm/ writes whole (results, config, exported models, checkpoints, plots, a trimmed
+metrics.jsonl) goes through here; metrics.jsonl lines are appended, and a torn last line is
+dropped when a run resumes.
 """
 from __future__ import annotations
 
