@@ -86,6 +86,20 @@ def test_lstm_state_carries_across_windows_in_every_mode(name):
         torch.testing.assert_close(torch.cat([first, second], dim=-2), whole, rtol=1e-5, atol=1e-6)
 
 
+def test_lstm_fused_carries_the_cell_state_in_float32_under_bf16_autocast():
+    # rank1_lstm keeps the cell in float32 within a window; rounding it to bf16 between windows
+    # made a window split in two differ from the whole (by a bf16 step, 0.004 here).
+    model = late_model("lstm_fused")
+    x = torch.randint(0, 256, (K, 10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        whole, _ = model(x, None, "parallel")
+        first, state = model(x[:, :6], None, "parallel")
+        second, _ = model(x[:, 6:], detach_state(state), "parallel")
+        _, all_state = model(x, None, "all")
+    assert state[1].dtype == all_state[1].dtype == torch.float32
+    torch.testing.assert_close(torch.cat([first, second], dim=-2), whole, rtol=0, atol=0)
+
+
 def independent_lstm_members(params, num_layers):
     """Member k as its own float64 nn.LSTM LM, weights folded here by hand: k -> (inputs, state) -> (logits, state)."""
     cfg = TINY["lstm"]

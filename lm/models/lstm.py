@@ -37,9 +37,26 @@ from lm.late_phase import Member, Rank1Factors, check_member
 LSTMState = tuple[torch.Tensor, torch.Tensor]
 
 
-def _lstm_with_weights(lstm: nn.LSTM, weights: dict[str, torch.Tensor], x: torch.Tensor,
-                       state: LSTMState | None) -> tuple[torch.Tensor, LSTMState]:
-    """nn.LSTM run with `weights` in place of its own (autograd reaches them)."""
+def _cudnn_would_run_in_float16(x: torch.Tensor) -> bool:
+    """Whether CUDA autocast would run a cuDNN LSTM in float16 where the run asked for bfloat16.
+
+    CUDA autocast casts every cuDNN RNN to float16, whatever its own dtype
+    (aten/src/ATen/cudnn/AutocastRNN.cpp): a bf16 run would train its LSTM in float16 without
+    the loss scaling float16 needs, and small gradients would underflow. CPU autocast keeps bf16.
+    """
+    return x.is_cuda and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+
+
+def _run_lstm(lstm: nn.LSTM, weights: dict[str, torch.Tensor] | None, x: torch.Tensor,
+             state: LSTMState | None) -> tuple[torch.Tensor, LSTMState]:
+    """nn.LSTM on (x, state), with `weights` in place of its own unless None (autograd reaches
+    them). Under bf16 autocast on CUDA it runs in float32 (TF32 matmuls when train.tf32 is on):
+    see _cudnn_would_run_in_float16."""
+    if _cudnn_would_run_in_float16(x):
+        with torch.autocast("cuda", enabled=False):
+            return _run_lstm(lstm, weights, x.float(), None if state is None else tuple(s.float() for s in state))
+    if weights is None:
+        return lstm(x, state)
     with warnings.catch_warnings():
         # Folded weights are fresh tensors on every call, so cuDNN's "weights are not part of a
         # single contiguous chunk" advice (call flatten_parameters) cannot apply to them.
@@ -82,9 +99,7 @@ class LatePhaseLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor, state: LSTMState | None, member: int) -> tuple[torch.Tensor, LSTMState]:
         """One member on the whole batch: x (B, T, E) -> out (B, T, H), state (layers, B, H) pair."""
-        if self.factors is None:
-            return self.lstm(x, state)
-        return _lstm_with_weights(self.lstm, self.member_weights(member), x, state)
+        return _run_lstm(self.lstm, None if self.factors is None else self.member_weights(member), x, state)
 
     def all_members(self, x: torch.Tensor, state: LSTMState | None, shared_input: bool,
                     how: str, cuda_graphs: bool = True) -> tuple[torch.Tensor, LSTMState]:
@@ -117,7 +132,7 @@ class LatePhaseLSTM(nn.Module):
                                  hh.r, hh.s, state[0][:, layer], state[1][:, layer], impl=hh.kernel_impl,
                                  cuda_graphs=cuda_graphs)
             h_last.append(h)
-            c_last.append(c.to(h.dtype))
+            c_last.append(c)  # float32, as the kernel keeps it: no rounding between windows
         return x, (torch.stack(h_last, dim=1), torch.stack(c_last, dim=1))
 
     def averaged_state(self) -> dict[str, torch.Tensor]:
