@@ -53,6 +53,14 @@ STEP_CONFIG_PAIRS = list(zip(lstm_kernels.STEP_FWD_CONFIGS, lstm_kernels.STEP_BW
 assert len(lstm_kernels.STEP_FWD_CONFIGS) == len(lstm_kernels.STEP_BWD_CONFIGS)
 
 
+def fresh_generator() -> torch.Generator:
+    """A CPU generator with a fresh seed, printed so that a failure (pytest shows a failed
+    test's output) can be replayed with the same inputs."""
+    seed = torch.seed() % 2**31
+    print(f"generator seed {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
 # Test dtypes: float32 runs with TF32 dots (the training default, train.tf32) or IEEE ones.
 DTYPES = {"fp32": (torch.float32, False), "tf32": (torch.float32, True),
           "bf16": (torch.bfloat16, False), "fp16": (torch.float16, False)}
@@ -111,7 +119,7 @@ def test_rank1_every_config_on_ragged_sizes(config_index, dtype, monkeypatch):
     # config runs with masks on every edge: sizes are odd and smaller or larger than a tile.
     for kernel, configs in RANK1_KERNELS.items():
         monkeypatch.setattr(kernel, "configs", [configs[config_index % len(configs)]])
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    generator = fresh_generator()
     try:
         for shared_x in (False, True):
             for bias_kind, members in ((None, 1), ("shared", 3), ("member", 3)):
@@ -129,7 +137,7 @@ def test_rank1_every_config_on_ragged_sizes(config_index, dtype, monkeypatch):
 def test_rank1_autotuned_on_realistic_shapes(shape, dtype):
     # The autotuner times its configs on these very buffers; the weight-gradient kernel
     # accumulates with atomics, so this also checks that it restarts each timing from zero.
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    generator = fresh_generator()
     members, rows, d_in, d_out = shape
     check_rank1(members, rows, d_in, d_out, set_dtype(dtype), False, "member", generator)
     check_rank1(members, rows // 2, d_in, d_out, set_dtype(dtype), True, "shared", generator)
@@ -147,7 +155,7 @@ def test_rank1_lstm_every_step_config(configs, dtype, monkeypatch):
     # earlier test captured with another config.
     monkeypatch.setattr(lstm_kernels, "_GRAPHS", lstm_kernels._WindowGraphs())
     set_dtype("fp32" if dtype == torch.float32 else "bf16")
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    generator = fresh_generator()
     # IEEE float32 dots, or bf16 through every step
     check_lstm("triton", dtype, generator, device="cuda",
                tolerance=max(TOLERANCE[dtype], LSTM_TOLERANCE[dtype]), members=3, batch=37, steps=6, hidden=500)
@@ -167,7 +175,7 @@ def test_rank1_lstm_cuda_graphs_replay_what_direct_launches_compute(dtype, param
     monkeypatch.setattr(lstm_kernels, "_capture", lambda run: captures.append(1) or real_capture(run))
     monkeypatch.setattr(lstm_kernels, "_GRAPHS", lstm_kernels._WindowGraphs())
     set_dtype("fp32" if dtype == torch.float32 else "bf16")
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    generator = fresh_generator()
     got, want = [], []
     for _ in range(4):
         layers = []
@@ -225,6 +233,23 @@ def test_all_members_on_cuda_match_float64_eager_on_cpu(cfg, member):
         assert relative_error(p.grad.cpu(), ref.grad) < 1e-3, name
 
 
+@pytest.mark.parametrize("members, member", [(0, 0), (3, 1), (3, "all"), (3, "parallel")])
+def test_lstm_under_bf16_autocast_runs_cudnn_in_float32(members, member):
+    # CUDA autocast would run every cuDNN LSTM in float16, bf16 or not (AutocastRNN.cpp): with
+    # no loss scaling its small gradients underflow. The model runs it in float32 instead.
+    cfg = ModelConfig(family="lstm", vocab_size=256, embed_dim=40, hidden_size=100, num_layers=2,
+                      lstm_members="folded")
+    model = (randomized_late_model(cfg, members, seed=5) if members else build_model(cfg, LatePhaseConfig(mode="plain"))).cuda()
+    dtypes = []
+    model.rnn.lstm.register_forward_hook(lambda module, args, output: dtypes.append(output[0].dtype))
+    x = torch.randint(0, 256, (2 * max(members, 1), 20), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits, _ = model(x, None, member)
+    assert dtypes and set(dtypes) == {torch.float32}
+    expected, _ = model(x, None, member)
+    assert relative_error(logits.double(), expected.double()) < TOLERANCE[torch.bfloat16]
+
+
 def test_rank1_factors_dispatch_to_triton_on_cuda(monkeypatch):
     calls = []
     real = rank1.Rank1LinearFunction.apply
@@ -236,14 +261,18 @@ def test_rank1_factors_dispatch_to_triton_on_cuda(monkeypatch):
     assert calls
 
 
-@pytest.mark.parametrize("schedule", ["sequential", "parallel"])
-def test_smoke_training_on_cuda_in_bf16(schedule, tmp_path):
+@pytest.mark.parametrize("schedule, lstm_members", [
+    ("sequential", "auto"), ("parallel", "fused"), ("parallel", "folded"),
+])
+def test_smoke_training_on_cuda_in_bf16(schedule, lstm_members, tmp_path):
     # The whole CLI path on the GPU in bf16: members spawn, train, average, export, evaluate;
     # then the run resumed from its step-20 checkpoint (SWA under way, its sums loaded from
-    # the CPU) to the end again.
+    # the CPU) to the end again. The parallel schedule runs both all-members ways: fused
+    # (rank1_lstm with CUDA graphs, streams carried across windows) and folded (cuDNN).
     out = tmp_path / "run"
     argv = ["--config", str(REPO / "configs" / "smoke.yaml"), f"run.out_dir={out}", f"data.dir={tmp_path / 'data'}",
-            "train.mixed_precision=bf16", f"late_phase.schedule={schedule}", "train.batch_size=15",
+            "train.mixed_precision=bf16", f"late_phase.schedule={schedule}", f"model.lstm_members={lstm_members}",
+            "train.batch_size=15",
             "train.max_steps=40", "swa.start=20", "swa.every=10", "train.eval_every=20", "checkpoint.every=20"]
     assert train_lm.main(argv) == 0
     results = json.loads((out / "results.json").read_text())

@@ -2,10 +2,12 @@
 # The GPU checks and benchmarks behind docs/benchmarks/{rank1,training}.md, in stages:
 #   bash docs/benchmarks/run_gpu.sh STAGE [STAGE ...]
 #   env    device, driver and package versions
-#   lstm   the LSTM tests of tests/test_gpu.py only (kernels.rank1_lstm with every step-kernel config,
-#          the fused all-members path): the code no GPU has run yet, first
-#   check  tests/test_gpu.py: compiled kernels and CUDA training against float64 references
-#          (10 to 28 s per test on an H100 with a cold Triton cache, mostly compiling)
+#   new    the tests of tests/test_gpu.py that no GPU has run yet (kernels.rank1_lstm with every
+#          step-kernel config and its CUDA graphs, the all-members paths, the LSTM under bf16,
+#          CLI training), first
+#   check  the rest of tests/test_gpu.py: the rank-1 kernels with every autotune config and
+#          autotuned on realistic shapes, against float64 (passed on an H100 with torch 2.11;
+#          10 to 28 s per test with a cold Triton cache, mostly compiling)
 #   quick  python -m kernels.bench --quick (bf16)
 #   train  python -m lm.bench_train on the paper's LSTM and the Transformer (synthetic bytes):
 #          the LSTM's parallel schedule fused (with and without CUDA graphs) and folded, the
@@ -21,6 +23,7 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 SYNTH="data.corpus=synthetic data.dir=/tmp/bench_synth data.synthetic_bytes=20000000"
+RANK1_TESTS="rank1_every_config or rank1_autotuned"  # the check stage's tests; the new stage runs the others
 # A per-test limit where pytest-timeout is installed (not a project dependency).
 PER_TEST=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 100")
 
@@ -39,10 +42,10 @@ for s in "$@"; do
         stage env 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
             python3 -c "import sys, torch, triton, accelerate; print(sys.version.split()[0], \"torch\", torch.__version__,
             \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"accelerate\", accelerate.__version__)"' ;;
-    lstm)
-        stage lstm 300 python3 -m pytest tests/test_gpu.py -q -rs --durations=12 $PER_TEST -k "lstm" ;;
+    new)
+        stage new 590 python3 -m pytest tests/test_gpu.py -q -rs --durations=12 $PER_TEST -k "not ($RANK1_TESTS)" ;;
     check)
-        stage check 590 python3 -m pytest tests/test_gpu.py -q -rs --durations=12 $PER_TEST ;;
+        stage check 400 python3 -m pytest tests/test_gpu.py -q -rs --durations=12 $PER_TEST -k "$RANK1_TESTS" ;;
     quick)
         stage quick 300 python3 -m kernels.bench --quick --dtype bf16 --out "$OUT/rank1_quick" ;;
     train)
