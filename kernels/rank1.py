@@ -124,7 +124,9 @@ def active_configs(gpu_configs: list[triton.Config],
     return [interpreter_config] if interpreting() else gpu_configs
 
 
-_KEY = ["M", "N", "D", "DOT_PRECISION"]  # TF32 and IEEE dots may favour different tiles
+# MEMBERS (the grid's second dimension) is an argument only so that it keys the tuning: the best
+# tile for K members differs from one member's. TF32 and IEEE dots may favour different tiles.
+_KEY = ["M", "N", "D", "MEMBERS", "DOT_PRECISION"]
 
 
 # --------------------------------------------------------------------------------------
@@ -157,7 +159,7 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _rank1_fwd_kernel(
     x_ptr, w_ptr, r_ptr, s_ptr, b_ptr, y_ptr,
-    M, N, D,
+    M, N, D, MEMBERS,
     stride_xk, stride_xm, stride_xd,
     stride_wn, stride_wd,
     stride_rk, stride_rn,
@@ -211,7 +213,7 @@ def _rank1_fwd_kernel(
 @triton.jit
 def _rank1_dx_kernel(
     dy_ptr, w_ptr, r_ptr, s_ptr, dx_ptr,
-    M, N, D, MEMBERS_PER_PROGRAM,
+    M, N, D, MEMBERS, MEMBERS_PER_PROGRAM,
     stride_dyk, stride_dym, stride_dyn,
     stride_wn, stride_wd,
     stride_rk, stride_rn,
@@ -269,7 +271,7 @@ def _rank1_dx_kernel(
 def _rank1_dw_kernel(
     x_ptr, dy_ptr, w_ptr, r_ptr, s_ptr,
     dw_ptr, dr_ptr, ds_ptr,
-    M, N, D, ROW_SPLITS,
+    M, N, D, MEMBERS, ROW_SPLITS,
     stride_xk, stride_xm, stride_xd,
     stride_dyk, stride_dym, stride_dyn,
     stride_wn, stride_wd,
@@ -401,7 +403,7 @@ def _forward(x3: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: torch.T
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), members)
     _rank1_fwd_kernel[grid](
         x3, weight, r, s, b, y,
-        m, n, d,
+        m, n, d, members,
         0 if shared else x3.stride(0), x3.stride(-2), x3.stride(-1),
         weight.stride(0), weight.stride(1),
         r.stride(0), r.stride(1),
@@ -424,7 +426,7 @@ def backward_dx(dy: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: torc
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_D"]), groups)
     _rank1_dx_kernel[grid](
         dy, weight, r, s, dx,
-        m, n, d, per_program,
+        m, n, d, members, per_program,
         dy.stride(0), dy.stride(1), dy.stride(2),
         weight.stride(0), weight.stride(1),
         r.stride(0), r.stride(1),
@@ -450,7 +452,7 @@ def backward_params(x3: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, r:
     _rank1_dw_kernel[grid](
         x3, dy, weight, r, s,
         dw, dr, ds,
-        m, n, d, splits,
+        m, n, d, members, splits,
         0 if shared else x3.stride(0), x3.stride(-2), x3.stride(-1),
         dy.stride(0), dy.stride(1), dy.stride(2),
         weight.stride(0), weight.stride(1),

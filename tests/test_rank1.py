@@ -8,6 +8,7 @@ stores into is NaN-poisoned before the call, so an unwritten element fails the c
 """
 from __future__ import annotations
 
+import inspect
 import zlib
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 import triton
 
 import kernels
+from kernels import lstm as lstm_kernels
 from kernels import rank1
 
 # Triton on CPU tensors: runs only under TRITON_INTERPRET=1 (see conftest.py).
@@ -297,3 +299,15 @@ def test_float64_runs_eager_only():
     torch.testing.assert_close(out, reference(*inputs), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="float64 runs with impl='eager'"):
         kernels.rank1_linear(*inputs, impl="triton")
+
+
+@pytest.mark.parametrize("kernel", [*KERNELS, lstm_kernels._lstm_step_fwd_kernel, lstm_kernels._lstm_step_bwd_kernel],
+                         ids=["forward", "dx", "dw", "step_fwd", "step_bwd"])
+def test_every_size_argument_keys_the_autotuning(kernel):
+    # A config tuned for one size must not be reused for another. The member count, the grid's
+    # second dimension, was once no argument at all, so K=10 ran with the config tuned for K=4.
+    params = inspect.signature(kernel.fn.fn).parameters
+    sizes = {name for name, p in params.items()
+             if p.annotation is inspect.Parameter.empty and not name.endswith("_ptr") and not name.startswith("stride_")}
+    assert sizes <= set(kernel.keys)
+    assert "MEMBERS" in sizes or kernel not in KERNELS
