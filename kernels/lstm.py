@@ -17,7 +17,7 @@ Two implementations of the same steps: "triton" (CUDA, or the CPU interpreter in
 one kernel per step each way, the recurrent product with the cell update (or its gradient)
 in the epilogue, so the gates never go through memory and a window of T steps costs 2T + 1
 launches; "eager" runs PyTorch ops (the CPU path and the float64 reference). On CUDA those
-launches are replayed from CUDA graphs, one per set of shapes (`_WindowGraph`), since each is
+launches are replayed from CUDA graphs, one per set of shapes (`_WindowGraphs`), since each is
 too small for its host-side cost. Layout as in
 kernels/rank1.py: eager reference, Triton kernels, the autograd Function and the dispatcher
 side by side; `python -m kernels.compile_check` compiles the step kernels for sm_90 and sm_80.
@@ -108,7 +108,7 @@ def _row_offsets(rows, B, stride_a, stride_b, ALIGN: tl.constexpr):
 
 
 # SAVE (training or evaluation windows) and DOT_PRECISION (TF32 or IEEE) may favour different tiles.
-@triton.autotune(configs=rank1.active_configs(STEP_FWD_CONFIGS, _INTERPRETER_FWD), key=["R", "H", "SAVE", "DOT_PRECISION"])
+@triton.autotune(configs=rank1.active_configs(STEP_FWD_CONFIGS, _INTERPRETER_FWD), key=["R", "B", "H", "SAVE", "DOT_PRECISION"])
 @triton.jit
 def _lstm_step_fwd_kernel(
     xg_ptr, h_ptr, c_prev_ptr, w_ptr, r_ptr, s_ptr, h_out_ptr, c_ptr, act_ptr,
@@ -179,7 +179,7 @@ def _lstm_step_fwd_kernel(
 
 
 @triton.autotune(configs=rank1.active_configs(STEP_BWD_CONFIGS, _INTERPRETER_BWD),
-                 key=["R", "H", "RECURRENT", "DOT_PRECISION"])
+                 key=["R", "B", "H", "RECURRENT", "DOT_PRECISION"])
 @triton.jit
 def _lstm_step_bwd_kernel(
     dgn_ptr, dh_ptr, w_ptr, r_ptr, s_ptr, dout_ptr, dc_ptr, act_ptr, c_prev_ptr, c_ptr, dgates_ptr, dc_prev_ptr,
@@ -477,10 +477,18 @@ class _WindowGraph:
 # Graphs of one set of shapes that may hold windows at once (an LSTM's layers of equal sizes
 # all wait for their backward together); a window finding them all busy runs without one.
 GRAPHS_PER_SHAPE = 8
+# Sets of shapes remembered at once. A graph keeps its inputs and outputs (at the paper's size,
+# a K=10 ensemble window's input projections alone are 768 MB), so the least recently used
+# set is forgotten when a new one comes (a window waiting for its backward holds its graph).
+MAX_SHAPES = 8
 
 
 class _WindowGraphs:
-    """Every set of shapes' graphs."""
+    """Every set of shapes' graphs, most recently used last.
+
+    A set of shapes gets graphs from its second window on: the first runs without one, so a
+    shape that comes once (a split's last, shorter evaluation window) holds no buffers.
+    """
 
     def __init__(self) -> None:
         self.by_shape: dict[tuple, list[_WindowGraph]] = {}
@@ -490,7 +498,13 @@ class _WindowGraphs:
         # graph's buffers are reused in the order of one stream's work, so each stream has its own.
         stream = torch.cuda.current_stream(inputs[0].device).cuda_stream if inputs[0].is_cuda else None
         key = (impl, save, rank1.tf32_matmuls(), stream, *((t.shape, t.dtype, t.device) for t in inputs))
-        graphs = self.by_shape.setdefault(key, [])
+        graphs = self.by_shape.pop(key, None)
+        if graphs is None:
+            self.by_shape[key] = []
+            while len(self.by_shape) > MAX_SHAPES:
+                del self.by_shape[next(iter(self.by_shape))]
+            return None
+        self.by_shape[key] = graphs
         free = next((g for g in graphs if not g.busy()), None)
         if free is None and len(graphs) < GRAPHS_PER_SHAPE:
             free = _WindowGraph(inputs)
@@ -576,7 +590,7 @@ def rank1_lstm(x_gates: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: 
     TRITON_INTERPRET=1, eager otherwise). float64 runs with "eager" only. Under autocast every
     input but c0 is cast to the autocast dtype first.
     cuda_graphs: with impl "triton" on CUDA, replay each window's launches from a CUDA graph per
-    set of shapes (captured at the second window of those shapes; see `_WindowGraph`).
+    set of shapes (captured at the third window of those shapes; see `_WindowGraphs`).
     """
     if impl not in IMPLS:
         raise ValueError(f"rank1_lstm: impl must be one of {', '.join(IMPLS)}, got {impl!r}")

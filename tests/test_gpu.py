@@ -165,9 +165,9 @@ def test_rank1_lstm_every_step_config(configs, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_rank1_lstm_cuda_graphs_replay_what_direct_launches_compute(dtype, param_grads, monkeypatch):
     # Four steps of two layers' windows, fresh inputs each: both forwards run before either
-    # backward, so each layer keeps a graph of its own. Each graph's first window runs outside
-    # any capture, its second captures the forward and backward loops, the last two replay
-    # them. Every backward runs twice (retain_graph). All is compared at the end, against the
+    # backward, so each layer keeps a graph of its own. The shapes' first window runs without a
+    # graph; each graph's first window runs outside any capture, its second captures the
+    # forward and backward loops, later ones replay them. Every backward runs twice (retain_graph). All is compared at the end, against the
     # same windows launched directly (the weight-gradient atomics may add in another order), so
     # a result left in a graph's buffers, overwritten by a later replay, fails.
     captures = []

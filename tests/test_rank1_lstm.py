@@ -257,14 +257,15 @@ def fresh_args(seed, param_grads=True):
 
 @pytest.mark.parametrize("param_grads", [True, False], ids=["param_grads", "input_grads_only"])
 def test_graphed_windows_match_direct_ones(emulated_graphs, param_grads):
-    # New inputs every window, so a graph replaying stale inputs fails. Window 1 runs both loops
-    # outside a capture (warm-up), window 2's forward captures both, windows 3 and 4 replay.
-    # Windows are compared at the end: what a caller got must survive later replays.
+    # New inputs every window, so a graph replaying stale inputs fails. Window 1 runs without a
+    # graph, window 2 runs both loops in the graph's buffers outside a capture (warm-up),
+    # window 3's forward captures both, windows 4 and 5 replay. Windows are compared at the
+    # end: what a caller got must survive later replays.
     got, want = [], []
-    for seed in range(4):
+    for seed in range(5):
         args = fresh_args(10 + seed, param_grads)
         outputs = window(args, True)
-        assert len(emulated_graphs) == (0 if seed == 0 else 2)  # no capture in a backward
+        assert len(emulated_graphs) == (0 if seed < 2 else 2)  # no capture in a backward
         got.append(window_grads(outputs, args, seed))
         want.append(forward_and_grads(args, False, seed))
     for g, w in zip(got, want):
@@ -288,6 +289,8 @@ def test_windows_waiting_for_their_backward_each_keep_a_graph(emulated_graphs, m
     # With room for one graph only, the second waiting window runs without one, correctly.
     monkeypatch.setattr(lstm_kernels, "GRAPHS_PER_SHAPE", 1)
     monkeypatch.setattr(lstm_kernels, "_GRAPHS", lstm_kernels._WindowGraphs())
+    first = fresh_args(29)
+    window_grads(window(first, True), first, 0)  # the shapes' first window: no graph yet
     args = [fresh_args(30 + layer) for layer in range(2)]
     outputs = [window(a, True) for a in args]
     (graphs,) = lstm_kernels._GRAPHS.by_shape.values()
@@ -298,6 +301,7 @@ def test_windows_waiting_for_their_backward_each_keep_a_graph(emulated_graphs, m
 
 def test_a_window_dropped_before_its_backward_frees_its_graph(emulated_graphs):
     args = fresh_args(40)
+    window_grads(window(args, True), args, 0)  # the shapes' first window: no graph yet
     outputs = window(args, True)
     (graphs,) = lstm_kernels._GRAPHS.by_shape.values()
     assert graphs[0].busy()
@@ -311,6 +315,31 @@ def test_a_window_dropped_before_its_backward_frees_its_graph(emulated_graphs):
     expected = reference(*(t.detach().double() for t in args))
     for got, want in zip(out, expected):
         assert relative_error(got, want) < TOLERANCE[torch.float32]
+
+
+def test_graphs_only_for_shapes_seen_twice_and_only_the_recent_shapes_kept(emulated_graphs, monkeypatch):
+    # A graph keeps copies of its window's inputs, so a shape that comes once (a split's last,
+    # shorter evaluation window) must not get one, and old shapes must not pile up.
+    monkeypatch.setattr(lstm_kernels, "MAX_SHAPES", 2)
+    generator = torch.Generator().manual_seed(45)
+
+    def evaluate(steps):
+        _, args = make_inputs(torch.float32, generator, steps=steps)
+        with torch.no_grad():
+            out = window([t.detach() for t in args], True, save=False)
+        for got, want in zip(out, reference(*(t.detach().double() for t in args))):
+            assert relative_error(got, want) < TOLERANCE[torch.float32]
+        # steps of every set of shapes remembered (its x_gates is (K, B, T, 4H)), oldest first,
+        # with the number of graphs each holds
+        return [(key[4][0][2], len(graphs)) for key, graphs in lstm_kernels._GRAPHS.by_shape.items()]
+
+    assert evaluate(5) == [(5, 0)]
+    assert evaluate(5) == [(5, 1)]
+    assert evaluate(6) == [(5, 1), (6, 0)]
+    assert evaluate(7) == [(6, 0), (7, 0)]  # the least recently used shape is forgotten
+    assert evaluate(6) == [(7, 0), (6, 1)]
+    assert evaluate(8) == [(6, 1), (8, 0)]
+    assert evaluate(6) == [(8, 0), (6, 1)] and len(emulated_graphs) == 1  # the third window of 6 steps
 
 
 def test_warm_up_runs_on_the_buffers_the_capture_records(emulated_graphs, monkeypatch):
@@ -338,21 +367,21 @@ def test_warm_up_runs_on_the_buffers_the_capture_records(emulated_graphs, monkey
     monkeypatch.setattr(lstm_kernels, "_forward_window", spy("forward", lstm_kernels._forward_window))
     monkeypatch.setattr(lstm_kernels, "_backward_window", spy("backward", lstm_kernels._backward_window))
     monkeypatch.setattr(lstm_kernels, "_capture", capture)
-    for seed in range(2):  # window 0 warms both loops up, window 1 captures both
+    for seed in range(3):  # window 0 has no graph, window 1 warms both loops up, window 2 captures both
         args = fresh_args(50 + seed)
         outputs = [o.transpose(0, 1) for o in window(args, True)]
         window_grads(outputs, args, seed)
     for kind in ("forward", "backward"):
-        warm_up = next(layout for captured, layout in calls[kind] if not captured)
-        recorded = next(layout for captured, layout in calls[kind] if captured)
+        first_captured = next(i for i, (captured, _) in enumerate(calls[kind]) if captured)
+        warm_up, recorded = calls[kind][first_captured - 1][1], calls[kind][first_captured][1]
         assert warm_up == recorded, kind
 
 
 def test_a_second_backward_through_a_graphed_window_repeats_the_first(emulated_graphs):
     # retain_graph=True: a window's activations stay in its graph after its backward, until the
-    # graph runs another window. Windows 0 to 2 cover the warm-up, the capture and a replay.
+    # graph runs another window. Windows 0 to 3 cover no graph, the warm-up, the capture and a replay.
     generator = torch.Generator().manual_seed(60)
-    for seed in range(3):
+    for seed in range(4):
         args = fresh_args(60 + seed)
         outputs = window(args, True)
         weights = [torch.randn(o.shape, generator=generator) for o in outputs]
@@ -363,7 +392,7 @@ def test_a_second_backward_through_a_graphed_window_repeats_the_first(emulated_g
         for a, b, c in zip(first, second, direct):
             torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-6)
-    later = fresh_args(63)
+    later = fresh_args(64)
     window(later, True)  # the one graph (free since the backward) now holds another window
     with pytest.raises(RuntimeError, match="retain_graph=True.*cuda_graphs=False"):
         torch.autograd.grad(loss, args)
