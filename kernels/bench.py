@@ -11,7 +11,7 @@ M rows per member), dtype, and pass (forward, forward+backward) it times
 with triton.testing.do_bench (median ms), and reports TFLOP/s, GB/s of compulsory traffic,
 speed-up over eager, ratio to the floor and peak memory, and judges the bf16 forward+backward
 means against issue 3's targets. Rewrites the table as JSON and CSV after every case, so a run
-cut short keeps what it timed; narrow the grid with --layers, --members, --rows and --dtype
+cut short (a time limit, Ctrl-C) keeps what it timed; narrow the grid with --layers, --members, --rows and --dtype
 (on an H100, 36 bf16 shapes took about 2.5 minutes). Before timing, the fused kernel is checked against a
 float64 reference in every dtype it will time.
 
@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from kernels.cli import positive_int
+from kernels.cli import OutputError, cannot_write, check_writable, positive_int
 from kernels.rank1 import interpreting, rank1_linear, rank1_linear_eager, rank1_linear_folded, tf32_matmuls
 
 # (name, d_in, d_out): the paper's LSTM gate matrices (4H x d_in with H = 500) and the
@@ -184,51 +184,56 @@ def _time_cpu(fn, leaves) -> tuple[float, float]:
 
 def run_grid(grid: dict, dtypes: list[str], device: str, impls: list[str],
              timer: Callable[[Callable[[], object], list[torch.Tensor]], tuple[float, float]],
-             out: str | None = None) -> list[Row]:
+             out: str | None = None, results: list[Row] | None = None) -> list[Row]:
     """Time every impl on every case with timer(fn, leaves) -> (median ms, peak MiB).
 
     With out, rewrites OUT.json and OUT.csv after every case: a run stopped by a time limit
-    keeps the cases it finished.
+    keeps the cases it finished. Rows are appended to `results` (a new list by default) a whole
+    case at a time, once that case is on disk, so a caller interrupted mid-grid knows what was kept.
     """
     cases = [
         (layer, members, rows, dtype)
         for dtype in dtypes for layer in grid["layers"] for members in grid["members"] for rows in grid["rows"]
     ]
-    results: list[Row] = []
-    for (name, d_in, d_out), members, rows, dtype in tqdm(cases, desc="rank1 bench", file=sys.stderr):
-        if "compiled" in impls:
-            # A fresh compile per case: dynamo keeps at most accumulated_recompile_limit (256)
-            # compiled variants of a function and past that silently runs it eager; the full
-            # grid needs 288 (shapes x dtypes x grad modes).
-            torch._dynamo.reset()
-        callables = implementations()
-        inputs = make_inputs(members, rows, d_in, d_out, DTYPES[dtype], device)
-        grad = torch.randn(members, rows, d_out, device=device).to(DTYPES[dtype])
-        for pass_ in PASSES:
-            case_rows = {}
-            for impl in impls:
-                forward = callables[impl]
-                if pass_ == "fwd":
-                    def fn(forward=forward):
-                        with torch.no_grad():
-                            return forward(*inputs)
-                else:
-                    def fn(forward=forward):
-                        forward(*inputs).backward(grad)
-                ms, peak = timer(fn, list(inputs))
-                work = flops(members, rows, d_in, d_out, pass_)
-                traffic = compulsory_bytes(members, rows, d_in, d_out, pass_, DTYPES[dtype].itemsize)
-                case_rows[impl] = Row(name, d_in, d_out, members, rows, dtype, pass_, impl, ms,
-                                      work / ms / 1e9, traffic / ms / 1e6, peak_mib=peak)
-            for row in case_rows.values():
-                if "eager" in case_rows:
-                    row.speedup_vs_eager = case_rows["eager"].ms / row.ms
-                if "floor" in case_rows:
-                    row.ratio_to_floor = row.ms / case_rows["floor"].ms
-            results.extend(case_rows.values())
-        del inputs, grad
-        if out is not None:
-            write_outputs(results, out)
+    results = [] if results is None else results
+    # Closed on the way out, Ctrl-C included, so that the bar's line ends before an error line.
+    with tqdm(cases, desc="rank1 bench", file=sys.stderr) as progress:
+        for (name, d_in, d_out), members, rows, dtype in progress:
+            timed: list[Row] = []  # this case's rows
+            if "compiled" in impls:
+                # A fresh compile per case: dynamo keeps at most accumulated_recompile_limit (256)
+                # compiled variants of a function and past that silently runs it eager; the full
+                # grid needs 288 (shapes x dtypes x grad modes).
+                torch._dynamo.reset()
+            callables = implementations()
+            inputs = make_inputs(members, rows, d_in, d_out, DTYPES[dtype], device)
+            grad = torch.randn(members, rows, d_out, device=device).to(DTYPES[dtype])
+            for pass_ in PASSES:
+                case_rows = {}
+                for impl in impls:
+                    forward = callables[impl]
+                    if pass_ == "fwd":
+                        def fn(forward=forward):
+                            with torch.no_grad():
+                                return forward(*inputs)
+                    else:
+                        def fn(forward=forward):
+                            forward(*inputs).backward(grad)
+                    ms, peak = timer(fn, list(inputs))
+                    work = flops(members, rows, d_in, d_out, pass_)
+                    traffic = compulsory_bytes(members, rows, d_in, d_out, pass_, DTYPES[dtype].itemsize)
+                    case_rows[impl] = Row(name, d_in, d_out, members, rows, dtype, pass_, impl, ms,
+                                          work / ms / 1e9, traffic / ms / 1e6, peak_mib=peak)
+                for row in case_rows.values():
+                    if "eager" in case_rows:
+                        row.speedup_vs_eager = case_rows["eager"].ms / row.ms
+                    if "floor" in case_rows:
+                        row.ratio_to_floor = row.ms / case_rows["floor"].ms
+                timed.extend(case_rows.values())
+            del inputs, grad
+            if out is not None:
+                write_outputs(results + timed, out)
+            results.extend(timed)
     return results
 
 
@@ -288,27 +293,35 @@ def format_table(results: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def output_paths(prefix: str) -> list[str]:
+    return [f"{prefix}.{ext}" for ext in ("json", "csv")]
+
+
 def write_outputs(results: list[Row], prefix: str) -> list[str]:
-    """Atomically write PREFIX.json and PREFIX.csv, creating PREFIX's directory."""
+    """Atomically write PREFIX.json and PREFIX.csv, creating PREFIX's directory; OutputError if the
+    system refuses (main() checked the paths up front, but a disk can fill up during a long run)."""
     records = [{("pass" if k == "pass_" else k): v for k, v in asdict(r).items()} for r in results]
-    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
-    paths = []
-    for ext in ("json", "csv"):
-        path = f"{prefix}.{ext}"
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
+    paths = output_paths(prefix)
+    tmps = [f"{path}.tmp-{os.getpid()}" for path in paths]
+    path = paths[0]  # the one named if creating the directory fails
+    try:
+        os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
+        for path, tmp in zip(paths, tmps):
             with open(tmp, "w", newline="") as f:
-                if ext == "json":
+                if path.endswith(".json"):
                     json.dump(records, f, indent=1)
                 else:
                     writer = csv.DictWriter(f, fieldnames=list(records[0]))
                     writer.writeheader()
                     writer.writerows(records)
+        for path, tmp in zip(paths, tmps):  # both whole before either is replaced: the two files agree
             os.replace(tmp, path)
-        finally:
+    except OSError as e:
+        raise cannot_write(path, e, "--out") from None
+    finally:
+        for tmp in tmps:
             if os.path.exists(tmp):  # the write failed: leave no partial file
                 os.unlink(tmp)
-        paths.append(path)
     return paths
 
 
@@ -334,6 +347,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_only:
         print(f"{correctness_check('cuda' if torch.cuda.is_available() else 'cpu'):.3e}")
         return 0
+    results: list[Row] = []  # filled by run_grid one case at a time: what is on disk when interrupted
+    try:
+        return _run(args, results)
+    except OutputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        cases = len({(r.layer, r.members, r.rows, r.dtype) for r in results})
+        if cases:
+            print(f"error: interrupted; {' and '.join(output_paths(args.out))} keep the {cases} case(s) timed "
+                  "before it", file=sys.stderr)
+        else:
+            print("error: interrupted before the first case was timed; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace, results: list[Row]) -> int:
+    """main() past argument parsing: check, time the grid into `results`, report."""
+    for path in output_paths(args.out):  # before the correctness checks and the timing, not after
+        check_writable(path, "--out", make_parent=True)
     cuda = torch.cuda.is_available()
     if cuda:
         import triton
@@ -360,10 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows:
         grid = {**grid, "rows": args.rows}
     if cuda:
-        results = run_grid(grid, args.dtype, CUDA_DEVICE, ["fused", "folded", "eager", "compiled", "floor"],
-                           _time_gpu, args.out)
+        run_grid(grid, args.dtype, CUDA_DEVICE, ["fused", "folded", "eager", "compiled", "floor"],
+                 _time_gpu, args.out, results)
     else:
-        results = run_grid(grid, args.dtype, "cpu", ["eager", "folded"], _time_cpu, args.out)
+        run_grid(grid, args.dtype, "cpu", ["eager", "folded"], _time_cpu, args.out, results)
     print(format_table(results))
     for line in summary(results):
         print(line)

@@ -23,7 +23,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
-from kernels.cli import positive_int
+from kernels.cli import OutputError, cannot_write, check_writable, positive_int
 
 # Shared memory per block (opt-in maximum) of each architecture, in bytes.
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
@@ -183,8 +183,18 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("error: unset TRITON_INTERPRET; the interpreter replaces the GPU compiler", file=sys.stderr)
         return 2
+    if args.json:
+        try:  # now, not after minutes of compiling
+            check_writable(args.json, "--json")
+        except OutputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
-    results = run_checks(args.arch, args.jobs)
+    try:
+        results = run_checks(args.arch, args.jobs)
+    except KeyboardInterrupt:
+        print("error: interrupted while compiling; nothing was written", file=sys.stderr)
+        return 130
     print(f"{'kernel':8} {'config':24} {'dtype':5} {'arch':6} {'layout':9} {'flags':5} {'result':8} {'smem KiB':>8} "
           f"{'fits':5} {'wgmma':5} cp.async")
     for r in results:
@@ -198,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             with open(tmp, "w") as f:
                 json.dump([asdict(r) for r in results], f, indent=1)
             os.replace(tmp, args.json)
+        except OSError as e:  # checked up front, but the disk may have filled or the directory gone since
+            print(f"error: {cannot_write(args.json, e, '--json')}", file=sys.stderr)
+            return 2
         finally:
             if os.path.exists(tmp):  # the write failed: leave no partial file
                 os.unlink(tmp)

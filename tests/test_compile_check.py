@@ -62,3 +62,52 @@ def test_jobs_must_be_positive(capsys, monkeypatch, jobs):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"python -m kernels.compile_check: error: argument --jobs: must be >= 1, got {jobs}")
+
+
+def must_not_run(*args, **kwargs):
+    raise AssertionError("compiled although the report cannot be written")
+
+
+@pytest.mark.parametrize("layout", ["missing directory", "directory"])
+def test_unwritable_json_is_refused_before_compiling(tmp_path, capsys, monkeypatch, layout):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # set for this process by conftest.py
+    monkeypatch.setattr(compile_check, "run_checks", must_not_run)
+    if layout == "missing directory":
+        report = tmp_path / "missing" / "x.json"
+        reason = f"directory {tmp_path / 'missing'} does not exist); create it or pick another --json"
+    else:
+        report = tmp_path / "x.json"
+        report.mkdir()
+        reason = "it is a directory); pick another --json"
+    assert compile_check.main(["--json", str(report)]) == 2
+    assert capsys.readouterr().err == f"error: cannot write {report} ({reason}\n"
+    assert [p.name for p in tmp_path.iterdir()] == ([] if layout == "missing directory" else ["x.json"])
+
+
+def test_write_failure_after_compiling_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
+    """The path passed the check, then something took its name during the compile."""
+    report = tmp_path / "x.json"
+
+    def run_checks(archs, jobs):
+        report.mkdir()
+        return [compile_check.CompileResult("forward", "M64-N64-K32-w4-s3", "bf16", 80, "aligned16", "main",
+                                            ok=True, fits=True, pipelined=True)]
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(compile_check, "run_checks", run_checks)
+    assert compile_check.main(["--arch", "80", "--json", str(report)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: cannot write {report} (Is a directory); pick another --json\n"
+    assert "M64-N64-K32-w4-s3" in captured.out  # the table was printed before the write
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temporary file
+
+
+def test_ctrl_c_while_compiling_is_one_line(tmp_path, capsys, monkeypatch):
+    def interrupted(archs, jobs):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(compile_check, "run_checks", interrupted)
+    assert compile_check.main(["--json", str(tmp_path / "x.json")]) == 130
+    assert capsys.readouterr().err == "error: interrupted while compiling; nothing was written\n"
+    assert not list(tmp_path.iterdir())

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from kernels import bench
+from kernels import bench, cli
 
 # Triton on CPU tensors: runs only under TRITON_INTERPRET=1 (see conftest.py).
 pytestmark = pytest.mark.interpreter
@@ -184,8 +184,8 @@ def test_cuda_branch_dry_run_tables_relates_and_writes_every_impl(tmp_path, monk
     )
 
 
-def test_cuda_branch_keeps_the_finished_cases_when_stopped(tmp_path, monkeypatch, fake_cuda):
-    """A run killed by a time limit: the cases timed before it are already on disk, in a new directory."""
+def test_cuda_branch_keeps_the_finished_cases_when_stopped(tmp_path, monkeypatch, capsys, fake_cuda):
+    """A run stopped by Ctrl-C: the cases timed before it are already on disk, in a new directory."""
     import triton.testing
 
     grid = {"layers": [("tiny", 8, 12)], "members": [2], "rows": [4, 8]}
@@ -200,8 +200,9 @@ def test_cuda_branch_keeps_the_finished_cases_when_stopped(tmp_path, monkeypatch
 
     monkeypatch.setattr(triton.testing, "do_bench", stopped_in_second_case)
     prefix = tmp_path / "not-yet" / "gpu"
-    with pytest.raises(KeyboardInterrupt):
-        bench.main(["--quick", "--dtype", "fp32", "--out", str(prefix)])
+    assert bench.main(["--quick", "--dtype", "fp32", "--out", str(prefix)]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: interrupted; {prefix}.json and {prefix}.csv keep the 1 case(s) timed before it")
     records = json.loads((tmp_path / "not-yet" / "gpu.json").read_text())
     assert [(r["rows"], r["impl"]) for r in records] == [(4, impl) for _ in bench.PASSES for impl in GPU_IMPLS]
     with open(tmp_path / "not-yet" / "gpu.csv", newline="") as f:
@@ -244,3 +245,127 @@ def test_sizes_must_be_positive(tmp_path, capsys, monkeypatch, flags, message):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"python -m kernels.bench: error: {message}"
     assert not list(tmp_path.iterdir())
+
+
+def must_not_run(*args, **kwargs):
+    raise AssertionError("ran although the output cannot be written")
+
+
+def tree(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("layout", ["parent is a file", "json is a directory", "csv is a directory"])
+def test_unwritable_out_is_refused_before_checking_or_timing(tmp_path, capsys, monkeypatch, layout):
+    monkeypatch.setattr(bench, "_interpreted_correctness_check", must_not_run)
+    monkeypatch.setattr(bench, "run_grid", must_not_run)
+    if layout == "parent is a file":
+        (tmp_path / "f").write_text("a file, not a directory")
+        prefix = tmp_path / "f" / "x"
+        bad, reason = f"{prefix}.json", f"{tmp_path / 'f'} is not a directory"
+    else:
+        ext = layout.split()[0]
+        (tmp_path / f"dd.{ext}").mkdir()
+        prefix = tmp_path / "dd"
+        bad, reason = f"{prefix}.{ext}", "it is a directory"
+    before = tree(tmp_path)
+    assert bench.main(["--quick", "--out", str(prefix)]) == 2
+    assert capsys.readouterr().err == f"error: cannot write {bad} ({reason}); pick another --out\n"
+    assert tree(tmp_path) == before  # not even the probe file
+
+
+def test_write_failure_mid_run_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
+    """The paths passed the check, then something took the name of OUT.json while timing."""
+    monkeypatch.setattr(bench, "CPU_QUICK", TINY_GRID)
+    monkeypatch.setattr(bench, "_interpreted_correctness_check", lambda: 0.0)
+
+    def timer(fn, leaves):
+        (tmp_path / "out.json").mkdir(exist_ok=True)
+        return 1.0, float("nan")
+
+    monkeypatch.setattr(bench, "_time_cpu", timer)
+    prefix = tmp_path / "out"
+    assert bench.main(["--quick", "--dtype", "fp32", "--out", str(prefix)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"error: cannot write {prefix}.json (Is a directory); pick another --out"
+    assert "Traceback" not in err
+    assert tree(tmp_path) == ["out.json"]  # the directory only: no temporary file, no CSV
+
+
+@pytest.mark.parametrize("stop_at_call,message", [
+    (0, "error: interrupted before the first case was timed; nothing was written"),
+    (4, "error: interrupted; {prefix}.json and {prefix}.csv keep the 1 case(s) timed before it"),  # 2nd case
+    (12, "error: interrupted; {prefix}.json and {prefix}.csv keep the 3 case(s) timed before it"),  # 4th case
+])
+def test_ctrl_c_exits_130_with_one_line_saying_what_was_kept(tmp_path, capsys, monkeypatch, stop_at_call, message):
+    monkeypatch.setattr(bench, "CPU_QUICK", {**TINY_GRID, "rows": [4, 8], "members": [1, 2]})
+    monkeypatch.setattr(bench, "_interpreted_correctness_check", lambda: 0.0)
+    calls = []
+
+    def timer(fn, leaves):  # 4 calls a case on the CPU: eager and folded, forward and backward
+        if len(calls) == stop_at_call:
+            raise KeyboardInterrupt
+        calls.append(fn)
+        return 1.0, float("nan")
+
+    monkeypatch.setattr(bench, "_time_cpu", timer)
+    prefix = tmp_path / "out"
+    assert bench.main(["--quick", "--dtype", "fp32", "--out", str(prefix)]) == 130
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1] == message.format(prefix=prefix)
+    assert "Traceback" not in captured.err and "wrote" not in captured.out
+    if stop_at_call == 0:
+        assert tree(tmp_path) == []
+    else:
+        assert tree(tmp_path) == ["out.csv", "out.json"]  # no temporary file
+        records = json.loads((tmp_path / "out.json").read_text())
+        assert len(records) == stop_at_call and len({(r["members"], r["rows"]) for r in records}) == stop_at_call // 4
+
+
+def test_ctrl_c_while_writing_leaves_the_previous_files_whole(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "CPU_QUICK", {**TINY_GRID, "rows": [4, 8]})
+    monkeypatch.setattr(bench, "_interpreted_correctness_check", lambda: 0.0)
+    monkeypatch.setattr(bench, "_time_cpu", lambda fn, leaves: (1.0, float("nan")))
+    real_writer, writes = csv.DictWriter, []
+
+    class StoppedOnSecondWrite(real_writer):
+        def writerows(self, rows):
+            writes.append(rows)
+            if len(writes) == 2:
+                super().writerows(rows[:1])  # a partial temporary file
+                raise KeyboardInterrupt
+            super().writerows(rows)
+
+    monkeypatch.setattr(csv, "DictWriter", StoppedOnSecondWrite)
+    prefix = tmp_path / "out"
+    assert bench.main(["--quick", "--dtype", "fp32", "--out", str(prefix)]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: interrupted; {prefix}.json and {prefix}.csv keep the 1 case(s) timed before it")
+    assert tree(tmp_path) == ["out.csv", "out.json"]
+    with open(tmp_path / "out.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4  # the first case's, whole
+    assert len(json.loads((tmp_path / "out.json").read_text())) == 4  # not replaced alone: the two agree
+
+
+def test_check_writable_names_the_problem_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dir").mkdir()
+    refused = {
+        tmp_path / "dir": "(it is a directory); pick another --x",
+        tmp_path / "file" / "a" / "b.json": f"({tmp_path / 'file'} is not a directory); pick another --x",
+        tmp_path / "missing" / "b.json":
+            f"(directory {tmp_path / 'missing'} does not exist); create it or pick another --x",
+    }
+    for path, reason in refused.items():
+        with pytest.raises(cli.OutputError) as error:
+            cli.check_writable(str(path), "--x")
+        assert str(error.value) == f"cannot write {path} {reason}"
+    assert tree(tmp_path) == ["dir", "file"]
+
+    cli.check_writable(str(tmp_path / "new" / "deeper" / "b.json"), "--x", make_parent=True)
+    assert tree(tmp_path) == ["dir", "file", "new", "new/deeper"]  # the directories only, as the tool would
+    monkeypatch.chdir(tmp_path)
+    cli.check_writable("relative.json", "--x")  # the default --out: a bare name in the working directory
+    (tmp_path / "file").write_text("an existing output is replaced, not refused")
+    cli.check_writable(str(tmp_path / "file"), "--x")
+    assert tree(tmp_path) == ["dir", "file", "new", "new/deeper"]
