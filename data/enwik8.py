@@ -19,6 +19,7 @@ import hashlib
 import http.client
 import os
 import socket
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -26,15 +27,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data.prepare import (DEFAULT_FRACTIONS, DataError, file_sha256, prepared_as, read_source, run_cli,
-                          split_sizes, write_splits)
+from data.prepare import (DEFAULT_FRACTIONS, ZIP_MAGICS, DataError, file_sha256, out_dir_arg, prepared_as,
+                          read_source, removed_if_left_empty, run_cli, split_sizes, write_problem, write_splits)
 
 URL = "http://mattmahoney.net/dc/enwik8.zip"
 SHA256 = "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc"  # of enwik8.zip
 EXTRACTED_SHA1 = "57b8363b814821dc9d47aa4d41f58733519076b2"  # of the extracted 100,000,000-byte file
 LENGTH = 100_000_000
 DOWNLOAD_TIMEOUT_S = 60
-_ZIP_MAGIC = b"PK\x03\x04"
 _SOURCE_HINT = "download enwik8.zip elsewhere and pass it with --source PATH"
 
 
@@ -46,17 +46,19 @@ def prepare_enwik8(out_dir: str | os.PathLike, url: str = URL, sha256: str = SHA
     if prepared_as(out_dir, {"corpus": "enwik8"}):
         print(f"{out_dir} already holds enwik8; nothing to do")
         return out_dir
-    if source is not None:
-        data = _read_local(Path(source), sha256)
-        origin = str(source)
-    else:
-        data = _download_and_read(url, out_dir, sha256)
-        origin = url
-    if sha256 == SHA256 and len(data) != LENGTH:
-        raise DataError(f"enwik8 should be {LENGTH:,} bytes but the file holds {len(data):,}; "
-                        f"the copy is damaged: {_SOURCE_HINT}")
-    sizes = split_sizes(len(data), DEFAULT_FRACTIONS)
-    write_splits(data, out_dir, sizes, {"corpus": "enwik8", "origin": origin, "zip_sha256": sha256})
+    # The download creates out_dir before write_splits does: a failure anywhere removes it again.
+    with removed_if_left_empty(out_dir):
+        if source is not None:
+            data = _read_local(Path(source), sha256)
+            origin = str(source)
+        else:
+            data = _download_and_read(url, out_dir, sha256)
+            origin = url
+        if sha256 == SHA256 and len(data) != LENGTH:
+            raise DataError(f"enwik8 should be {LENGTH:,} bytes but the file holds {len(data):,}; "
+                            f"the copy is damaged: {_SOURCE_HINT}")
+        sizes = split_sizes(len(data), DEFAULT_FRACTIONS)
+        write_splits(data, out_dir, sizes, {"corpus": "enwik8", "origin": origin, "zip_sha256": sha256})
     print(f"prepared {out_dir}: train {sizes[0]:,} / valid {sizes[1]:,} / test {sizes[2]:,} bytes")
     return out_dir
 
@@ -65,7 +67,7 @@ def _read_local(source: Path, sha256: str) -> bytes:
     if not source.is_file():
         raise DataError(f"--source {source} does not exist or is not a file; check the path")
     with open(source, "rb") as f:
-        is_zip = f.read(4) == _ZIP_MAGIC
+        is_zip = f.read(4) in ZIP_MAGICS
     if is_zip:
         _check_sha256(file_sha256(source), sha256, str(source))
         return read_source(source)
@@ -91,7 +93,7 @@ def _download_and_read(url: str, out_dir: Path, sha256: str) -> bytes:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DataError(f"cannot create {out_dir}: {e.strerror or e}; choose another --out") from None
+        raise DataError(write_problem(out_dir, e)) from None
     partial = out_dir / f"enwik8.zip.download-{os.getpid()}"
     try:
         actual = _download(url, partial)
@@ -124,12 +126,12 @@ def _download(url: str, dest: Path) -> str:
                         f"or {_SOURCE_HINT}") from None
     except urllib.error.URLError as e:
         raise DataError(f"cannot reach {url} ({e.reason}); check the network and --url, or {_SOURCE_HINT}") from None
-    except (socket.timeout, ConnectionError, http.client.HTTPException) as e:
+    except (socket.timeout, ConnectionError, ssl.SSLError, http.client.HTTPException) as e:
         raise DataError(f"download of {url} broke off ({e}); retry, or {_SOURCE_HINT}") from None
     except ValueError as e:  # malformed URL
         raise DataError(f"bad --url {url!r} ({e}); give an http(s) URL") from None
-    except OSError as e:
-        raise DataError(f"download of {url} failed: {e.strerror or e}; free disk space or {_SOURCE_HINT}") from None
+    except OSError as e:  # writing dest: the network's errors are all caught above
+        raise DataError(write_problem(dest.parent, e)) from None
     if expected_bytes is not None and received != expected_bytes:
         raise DataError(f"download of {url} was truncated ({received:,} of {expected_bytes:,} bytes); "
                         f"retry, or {_SOURCE_HINT}")
@@ -149,7 +151,7 @@ def _main(argv: list[str] | None) -> None:
                              "value also accepts any length and splits by fractions 0.9/0.05/0.05")
     parser.add_argument("--source", help="local enwik8.zip or extracted enwik8 file, instead of downloading")
     args = parser.parse_args(argv)
-    prepare_enwik8(args.out, url=args.url, sha256=args.sha256, source=args.source)
+    prepare_enwik8(out_dir_arg(args.out, "data/enwik8"), url=args.url, sha256=args.sha256, source=args.source)
 
 
 if __name__ == "__main__":

@@ -7,19 +7,24 @@ data.synthetic only decide where the bytes come from and how they are split.
 
 Writes are atomic: every file is written under a temporary name and renamed into
 place only once all of them are complete, and the manifest (which is what
-`is_prepared` trusts) is renamed last. After any failure DIR holds no partial .bin.
+`is_prepared` trusts) is renamed last. After any failure DIR holds no partial .bin, and
+is removed again if this run created it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import gzip
 import hashlib
+import itertools
 import json
 import os
+import re
 import sys
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +36,11 @@ MIN_SPLIT_BYTES = 2  # a split needs one context byte and one target byte
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZIP_MAGIC = b"PK\x03\x04"
+_EMPTY_ZIP_MAGIC = b"PK\x05\x06"  # a zip holding no files is only its end-of-directory record
+ZIP_MAGICS = (_ZIP_MAGIC, _EMPTY_ZIP_MAGIC)
+# Names a data tool writes into a prepared directory besides the splits and the manifest: leftovers
+# of a killed run (*.tmp-PID, enwik8.zip.download-PID), data.tokenizer's caches, hidden files (.gitkeep).
+_OUR_OTHER_FILES = re.compile(r"\.(tmp|download)-\d+|\.tok$|^sp\d+\.model$|^\.")
 
 
 class DataError(Exception):
@@ -47,12 +57,14 @@ def read_source(path: str | os.PathLike, what: str | None = None) -> bytes:
     what = what or str(path)
     if not path.is_file():
         raise DataError(f"source {path} does not exist or is not a file; check the path")
+    if path.stat().st_size == 0:  # else reported below as not being the format its name promises
+        raise DataError(f"{what} is empty (0 bytes); download it again or check the path")
     with open(path, "rb") as f:
         magic = f.read(4)
     # A name that promises an archive the bytes are not (an HTML error page saved as .zip, a
     # truncated download) would otherwise be prepared, and trained on, as raw text.
     promised = {".zip": "zip", ".gz": "gzip", ".dz": "gzip"}.get(path.suffix.lower())
-    actual = "gzip" if magic.startswith(_GZIP_MAGIC) else "zip" if magic == _ZIP_MAGIC else None
+    actual = "gzip" if magic.startswith(_GZIP_MAGIC) else "zip" if magic in ZIP_MAGICS else None
     if promised and actual != promised:
         raise DataError(f"{what} is named {path.suffix} but is not a {promised} file; download it again, "
                         f"or rename it if it really is plain text")
@@ -62,7 +74,7 @@ def read_source(path: str | os.PathLike, what: str | None = None) -> bytes:
                 return f.read()
         except (OSError, EOFError, zlib.error) as e:
             raise DataError(f"{what} is a corrupt or truncated gzip file ({e}); get a fresh copy") from None
-    if magic == _ZIP_MAGIC:
+    if magic in ZIP_MAGICS:
         return _read_single_zip_member(path, what)
     return path.read_bytes()
 
@@ -71,6 +83,8 @@ def _read_single_zip_member(path: Path, what: str) -> bytes:
     try:
         with zipfile.ZipFile(path) as archive:
             members = [m for m in archive.infolist() if not m.is_dir()]
+            if not members:
+                raise DataError(f"{what} is an empty zip archive (it holds no files); download it again")
             if len(members) != 1:
                 names = ", ".join(m.filename for m in members) or "nothing"
                 raise DataError(f"{what} must hold exactly one file but holds {names}; "
@@ -133,30 +147,60 @@ def write_splits(data: bytes | np.ndarray, out_dir: str | os.PathLike, sizes: tu
         raise ValueError(f"split sizes {sizes} do not add up to the data length {len(view)}")
     manifest = {"format": "raw uint8 bytes", "total_bytes": len(view), "source": source_info, "splits": {}}
     temporaries: list[tuple[Path, Path]] = []
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        start = 0
-        for name, size in zip(SPLITS, sizes):
-            final = out_dir / f"{name}.bin"
-            chunk = view[start:start + size]
-            start += size
-            temporaries.append((_write_temporary(final, chunk), final))
-            manifest["splits"][name] = {"file": final.name, "bytes": size,
-                                        "sha256": hashlib.sha256(chunk).hexdigest()}
-        manifest_text = (json.dumps(manifest, indent=2) + "\n").encode()
-        temporaries.append((_write_temporary(out_dir / MANIFEST, manifest_text), out_dir / MANIFEST))
-        # An old manifest must not vouch for a half-swapped set of files.
-        (out_dir / MANIFEST).unlink(missing_ok=True)
-        for temporary, final in temporaries:
-            os.replace(temporary, final)
-    except OSError as e:
-        # Reached from `python -m data.prepare --out` and from training's data.dir alike.
-        raise DataError(f"could not write {out_dir}: {e.strerror or e}; make room there or pick another "
-                        "directory (--out, or data.dir when training), then run again") from None
-    finally:
-        for temporary, _ in temporaries:
-            temporary.unlink(missing_ok=True)
+    with removed_if_left_empty(out_dir):
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            start = 0
+            for name, size in zip(SPLITS, sizes):
+                final = out_dir / f"{name}.bin"
+                chunk = view[start:start + size]
+                start += size
+                temporaries.append((_write_temporary(final, chunk), final))
+                manifest["splits"][name] = {"file": final.name, "bytes": size,
+                                            "sha256": hashlib.sha256(chunk).hexdigest()}
+            manifest_text = (json.dumps(manifest, indent=2) + "\n").encode()
+            temporaries.append((_write_temporary(out_dir / MANIFEST, manifest_text), out_dir / MANIFEST))
+            # An old manifest must not vouch for a half-swapped set of files.
+            (out_dir / MANIFEST).unlink(missing_ok=True)
+            for temporary, final in temporaries:
+                os.replace(temporary, final)
+        except OSError as e:
+            raise DataError(write_problem(out_dir, e)) from None
+        finally:
+            for temporary, _ in temporaries:
+                temporary.unlink(missing_ok=True)
     return manifest
+
+
+def write_problem(out_dir: Path, e: OSError) -> str:
+    """'problem; fix' for a failed write into out_dir, worded from its cause: a full disk is
+    only one of them. Reached from `--out` and from training's data.dir alike."""
+    fix = "pick another directory (--out, or data.dir when training), then run again"
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):  # out_dir, or one of its parents, is a file
+        blocker = next((p for p in (out_dir, *out_dir.parents) if p.is_file()), out_dir)
+        return f"{blocker} is a file, not a directory; {fix}"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"no permission to write {out_dir}; change its permissions or {fix}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"could not write {out_dir}: {e.strerror or e}; make room there or {fix}"
+    return f"could not write {out_dir}: {e.strerror or e}; {fix}"
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(out_dir: Path) -> Iterator[None]:
+    """If the block fails, remove out_dir and those of its parents that did not exist before it,
+    as long as they are empty: a failed run leaves no empty directory behind, and never removes
+    one that existed or holds anything."""
+    created = list(itertools.takewhile(lambda p: not p.exists(), (out_dir, *out_dir.parents)))
+    try:
+        yield
+    except BaseException:
+        for directory in created:  # deepest first
+            try:
+                directory.rmdir()
+            except OSError:  # not empty, or never created
+                break
+        raise
 
 
 def _write_temporary(final: Path, content: memoryview | bytes) -> Path:
@@ -200,10 +244,16 @@ def prepared_as(out_dir: str | os.PathLike, expected_source: dict) -> bool:
     given must match the manifest's source entry); False if it is not prepared at all.
 
     Raises DataError if out_dir holds a different corpus, so one is never silently used
-    for, or overwritten by, another.
+    for, or overwritten by, another; or, not prepared, holds files no data tool wrote, so
+    `--out configs` does not scatter splits among someone else's files.
     """
     manifest = read_manifest(out_dir)
     if manifest is None:
+        foreign = _foreign_files(Path(out_dir))
+        if foreign:
+            listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise DataError(f"{out_dir} holds files that are not prepared data ({listed}); pick a new or "
+                            "empty directory (--out, or data.dir when training)")
         return False
     recorded = manifest.get("source", {})
     differences = [f"{k}={recorded.get(k)!r}, not {v!r}" for k, v in expected_source.items() if recorded.get(k) != v]
@@ -211,6 +261,16 @@ def prepared_as(out_dir: str | os.PathLike, expected_source: dict) -> bool:
         raise DataError(f"{out_dir} already holds a different corpus ({'; '.join(differences)}); "
                         "choose another directory or delete this one")
     return True
+
+
+def _foreign_files(out_dir: Path) -> list[str]:
+    """Names in out_dir that no data tool writes there."""
+    try:
+        names = sorted(p.name for p in out_dir.iterdir())
+    except OSError:  # missing, or not a directory: writing there says what is wrong
+        return []
+    ours = {f"{name}.bin" for name in SPLITS} | {MANIFEST}
+    return [n for n in names if n not in ours and not _OUR_OTHER_FILES.search(n)]
 
 
 def prepare_corpus(source: str | os.PathLike, out_dir: str | os.PathLike,
@@ -226,6 +286,14 @@ def prepare_corpus(source: str | os.PathLike, out_dir: str | os.PathLike,
     write_splits(data, out_dir, sizes, {**expected, "path": str(source)})
     print(f"prepared {out_dir}: train {sizes[0]:,} / valid {sizes[1]:,} / test {sizes[2]:,} bytes")
     return out_dir
+
+
+def out_dir_arg(text: str, example: str) -> Path:
+    """A CLI's --out as a Path; an empty one (an unset shell variable) would mean the current
+    directory."""
+    if not text.strip():
+        raise DataError(f"--out is empty; name the directory to write the splits to, e.g. --out {example}")
+    return Path(text)
 
 
 def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> int:
@@ -256,7 +324,7 @@ def _main(argv: list[str] | None) -> None:
     parser.add_argument("--split", default=",".join(str(f) for f in DEFAULT_FRACTIONS),
                         help="train,valid,test fractions summing to 1 (default: %(default)s)")
     args = parser.parse_args(argv)
-    prepare_corpus(args.source, args.out, parse_fractions(args.split))
+    prepare_corpus(args.source, out_dir_arg(args.out, "data/mycorpus"), parse_fractions(args.split))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import hashlib
 import http.server
 import io
+import socket
 import threading
 import zipfile
 
@@ -11,7 +12,7 @@ from tqdm import tqdm
 
 from data import enwik8
 from data.enwik8 import prepare_enwik8
-from data.prepare import DataError, is_prepared, run_cli, split_sizes
+from data.prepare import DataError, run_cli, split_sizes
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -59,10 +60,6 @@ def _serve(server, path, body, status=200, announced=None) -> str:
     return f"http://127.0.0.1:{server.server_address[1]}{path}"
 
 
-def _no_bin(directory) -> bool:
-    return not list(directory.glob("*.bin*")) and not list(directory.glob("*.download-*"))
-
-
 def test_download_success_splits_exactly_and_second_run_does_nothing(server, corpus, tmp_path, capsys):
     archive = _zip(corpus)
     url = _serve(server, "/ok.zip", archive)
@@ -80,7 +77,15 @@ def test_download_success_splits_exactly_and_second_run_does_nothing(server, cor
     assert "nothing to do" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("case", ["checksum", "truncated_zip", "short_body", "server_error", "wrong_length"])
+def _unreachable_url() -> str:
+    with socket.socket() as s:  # a port nobody listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/enwik8.zip"
+
+
+@pytest.mark.parametrize("case", ["checksum", "truncated_zip", "short_body", "server_error", "wrong_length",
+                                  "unreachable"])
 def test_download_failures_leave_no_bin_and_say_what_to_do(server, corpus, tmp_path, monkeypatch, case):
     archive = _zip(corpus)
     sha256 = hashlib.sha256(archive).hexdigest()
@@ -95,6 +100,8 @@ def test_download_failures_leave_no_bin_and_say_what_to_do(server, corpus, tmp_p
         url, expect = _serve(server, "/s.zip", archive[:1000], announced=len(archive)), "truncated"
     elif case == "server_error":
         url, expect = _serve(server, "/e.zip", b"oops", status=500), "HTTP 500"
+    elif case == "unreachable":
+        url, expect = _unreachable_url(), "cannot reach"
     else:  # pin this small zip's checksum as enwik8's: then exactly 100,000,000 bytes are required
         url, expect = _serve(server, "/w.zip", archive), "should be 100,000,000 bytes"
         monkeypatch.setattr(enwik8, "SHA256", sha256)
@@ -103,7 +110,7 @@ def test_download_failures_leave_no_bin_and_say_what_to_do(server, corpus, tmp_p
         prepare_enwik8(out, url=url, sha256=sha256)
     message = str(raised.value)
     assert "\n" not in message and "--source" in message
-    assert not is_prepared(out) and _no_bin(out)
+    assert not out.exists()  # this run created it for the download: nothing, not even it, is left
 
 
 def test_ctrl_c_during_download_leaves_nothing(server, corpus, tmp_path, monkeypatch):
@@ -117,7 +124,52 @@ def test_ctrl_c_during_download_leaves_nothing(server, corpus, tmp_path, monkeyp
     monkeypatch.setattr(enwik8, "tqdm", InterruptedProgress)
     with pytest.raises(KeyboardInterrupt):
         prepare_enwik8(tmp_path / "out", url=url, sha256=hashlib.sha256(archive).hexdigest())
-    assert list((tmp_path / "out").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_download_keeps_a_directory_that_existed(tmp_path):
+    out = tmp_path / "existing"
+    out.mkdir()
+    with pytest.raises(DataError, match="give an http"):
+        prepare_enwik8(out, url="not a url", sha256="0" * 64)
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
+def test_out_that_is_a_file_or_not_writable_is_named_as_such(server, corpus, tmp_path, monkeypatch, capsys):
+    url = _serve(server, "/f.zip", _zip(corpus))
+    (tmp_path / "a_file").write_bytes(b"keep me")
+    assert run_cli(enwik8._main, ["--out", str(tmp_path / "a_file"), "--url", url]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'a_file'} is a file, not a directory; pick another "
+                                       "directory (--out, or data.dir when training), then run again\n")
+    assert (tmp_path / "a_file").read_bytes() == b"keep me"
+
+    def no_permission(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(enwik8, "open", no_permission, raising=False)  # root ignores a chmod'ed directory
+    assert run_cli(enwik8._main, ["--out", str(tmp_path / "ro"), "--url", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no permission to write {tmp_path / 'ro'}; ") and err.count("\n") == 1
+    assert "disk" not in err and "make room" not in err and not (tmp_path / "ro").exists()
+
+
+def test_refuses_a_directory_holding_other_files_before_downloading(server, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    url = _serve(server, "/never.zip", b"", status=500)
+    with pytest.raises(DataError, match="holds files that are not prepared data"):
+        prepare_enwik8(tmp_path, url=url)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_cli_refuses_an_empty_out(corpus, tmp_path, monkeypatch, capsys):
+    (tmp_path / "enwik8").write_bytes(corpus)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # where an empty --out used to write the splits
+    argv = ["--out", "", "--source", str(tmp_path / "enwik8"), "--sha256", hashlib.sha256(corpus).hexdigest()]
+    assert run_cli(enwik8._main, argv) == 2
+    assert capsys.readouterr().err == ("error: --out is empty; name the directory to write the splits to, "
+                                       "e.g. --out data/enwik8\n")
+    assert list((tmp_path / "cwd").iterdir()) == []
 
 
 def test_local_source_zip_and_extracted(tmp_path, corpus):

@@ -1,4 +1,5 @@
 """data.prepare: reading corpora, split sizes, atomic writes, manifest, idempotence, CLI."""
+import errno
 import gzip
 import hashlib
 import io
@@ -46,6 +47,29 @@ def test_read_source_rejects_bad_archives_in_one_line(tmp_path, corpus, content,
     with pytest.raises(DataError, match=problem) as raised:
         read_source(path)
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("name, content, problem", [
+    ("corpus.zip", _zip_bytes({}), "is an empty zip archive"),  # only an end record, no PK\x03\x04
+    ("corpus", _zip_bytes({}), "is an empty zip archive"),  # recognised by content, not read as raw text
+    ("corpus.gz", b"", "is empty"),
+    ("corpus.txt", b"", "is empty"),
+], ids=["empty.zip", "empty-zip-unnamed", "0-byte.gz", "0-byte.txt"])
+def test_read_source_says_an_empty_archive_or_file_is_empty(tmp_path, name, content, problem):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=problem) as raised:
+        read_source(path)
+    assert "\n" not in str(raised.value) and "not a" not in str(raised.value)
+
+
+def test_read_source_says_a_zip_of_only_folders_is_empty(tmp_path):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("enwik8/", b"")
+    (tmp_path / "folders.zip").write_bytes(buffer.getvalue())
+    with pytest.raises(DataError, match="is an empty zip archive"):
+        read_source(tmp_path / "folders.zip")
 
 
 @pytest.mark.parametrize("name, content, promised", [
@@ -110,6 +134,79 @@ def test_write_failure_or_ctrl_c_leaves_no_bin(tmp_path, corpus, monkeypatch, fa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("failure, hint", [
+    (OSError(errno.EACCES, "Permission denied"), "no permission to write {out}; change its permissions or pick "
+                                                 "another directory (--out, or data.dir when training)"),
+    (OSError(errno.EROFS, "Read-only file system"), "could not write {out}: Read-only file system; pick another "
+                                                    "directory (--out, or data.dir when training)"),
+])
+def test_write_failure_hint_follows_the_cause(tmp_path, corpus, monkeypatch, failure, hint):
+    def fail(final, content):
+        raise failure
+
+    monkeypatch.setattr(prepare, "_write_temporary", fail)
+    with pytest.raises(DataError) as raised:
+        write_splits(corpus, tmp_path, split_sizes(len(corpus)), {"corpus": "test"})
+    assert str(raised.value).startswith(hint.format(out=tmp_path)) and "make room" not in str(raised.value)
+
+
+@pytest.mark.parametrize("out", ["a_file", "a_file/sub"])
+def test_out_that_is_a_file_is_named_as_such(tmp_path, corpus, out):
+    (tmp_path / "a_file").write_bytes(b"keep me")
+    with pytest.raises(DataError) as raised:
+        write_splits(corpus, tmp_path / out, split_sizes(len(corpus)), {"corpus": "test"})
+    assert str(raised.value) == (f"{tmp_path / 'a_file'} is a file, not a directory; pick another directory "
+                                 "(--out, or data.dir when training), then run again")
+    assert (tmp_path / "a_file").read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("failure, raised", [(OSError(errno.ENOSPC, "No space left on device"), DataError),
+                                              (KeyboardInterrupt(), KeyboardInterrupt)])
+def test_failed_write_removes_only_the_empty_directories_it_created(tmp_path, corpus, monkeypatch, failure,
+                                                                     raised):
+    def fail(final, content):
+        raise failure
+
+    monkeypatch.setattr(prepare, "_write_temporary", fail)
+    (tmp_path / "existing").mkdir()
+    with pytest.raises(raised):
+        write_splits(corpus, tmp_path / "existing" / "new" / "out", split_sizes(len(corpus)), {"corpus": "test"})
+    assert [p.name for p in tmp_path.iterdir()] == ["existing"] and not list((tmp_path / "existing").iterdir())
+
+
+def test_ctrl_c_in_the_cli_leaves_no_out_directory(tmp_path, corpus, monkeypatch, capsys):
+    def interrupt(final, content):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "_write_temporary", interrupt)
+    (tmp_path / "corpus.bin").write_bytes(corpus)
+    assert run_cli(prepare._main, ["--source", str(tmp_path / "corpus.bin"), "--out", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.startswith("error: interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.bin"]
+
+
+def test_refuses_a_directory_holding_other_files_and_accepts_its_own(tmp_path, corpus):
+    source = tmp_path / "corpus.txt"
+    source.write_bytes(corpus)
+    foreign = tmp_path / "configs"
+    foreign.mkdir()
+    (foreign / "smoke.yaml").write_text("model: {}\n")
+    with pytest.raises(DataError) as raised:
+        prepare_corpus(source, foreign)
+    assert str(raised.value) == (f"{foreign} holds files that are not prepared data (smoke.yaml); pick a new or "
+                                 "empty directory (--out, or data.dir when training)")
+    assert [p.name for p in foreign.iterdir()] == ["smoke.yaml"]
+    # What a data tool leaves in its directory (splits, leftovers of a killed run, tokenizer caches, a
+    # .gitkeep) does not count: a half-prepared directory can be prepared again.
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    for name in ("train.bin", "valid.bin.tmp-123", "enwik8.zip.download-9", "sp400.model", "sp400.tmp-7.vocab",
+                 "train.sp400-0123456789ab.tok", ".gitkeep"):
+        (ours / name).write_bytes(b"x")
+    prepare_corpus(source, ours)
+    assert is_prepared(ours)
+
+
 def test_is_prepared_detects_missing_or_truncated_split(tmp_path, corpus):
     write_splits(corpus, tmp_path, split_sizes(len(corpus)), {"corpus": "test"})
     with open(tmp_path / "valid.bin", "r+b") as f:
@@ -149,6 +246,17 @@ def test_cli_help_success_and_one_line_error(tmp_path, corpus, capsys):
     assert run_cli(prepare._main, ["--source", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "missing" in err
+
+
+@pytest.mark.parametrize("out", ["", "  "])
+def test_cli_refuses_an_empty_out(tmp_path, corpus, monkeypatch, capsys, out):
+    (tmp_path / "corpus.bin").write_bytes(corpus)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # where an empty --out used to write the splits
+    assert run_cli(prepare._main, ["--source", str(tmp_path / "corpus.bin"), "--out", out]) == 2
+    assert capsys.readouterr().err == ("error: --out is empty; name the directory to write the splits to, "
+                                       "e.g. --out data/mycorpus\n")
+    assert list((tmp_path / "cwd").iterdir()) == []
 
 
 def test_cli_turns_unexpected_file_system_errors_into_one_line(capsys):
