@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 import tempfile
 import time
@@ -254,6 +255,14 @@ def format_report(results: dict[str, float], flops_per_byte: float | None = None
     return "\n".join(lines)
 
 
+def positive_float(text: str) -> float:
+    """argparse type for rates: a finite number > 0, else argparse's one-line error naming the flag."""
+    value = float(text)  # a ValueError reads "argument --peak-tflops: invalid positive_float value: 'x'"
+    if not 0 < value < math.inf:  # also refuses nan, for which every comparison is false
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lm.bench_train",
@@ -267,18 +276,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=positive_int, default=3, help="rounds; the fastest is reported (default 3)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="afterwards, profile STEPS steps of each variant and print its top operators")
-    parser.add_argument("--peak-tflops", type=float, default=None,
+    parser.add_argument("--peak-tflops", type=positive_float, default=None,
                         help="the device's dense bf16 peak for the MFU (default: known GPUs' datasheet figure)")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = parser.parse_args(argv)
     try:
-        if args.warmup < 2 or args.profile < 0:
-            raise ConfigError("--warmup must be >= 2 (the late phase starts at step 1) and --profile >= 0")
+        if args.warmup < 2:
+            raise ConfigError(f"--warmup must be >= 2 (the late phase starts at step 1), got {args.warmup}")
+        if args.profile < 0:
+            raise ConfigError(f"--profile must be >= 0 (0: no profile), got {args.profile}")
         cfg = load_config(args.config, args.overrides)
         results, notes, device = bench(cfg, args.steps, args.warmup, args.repeats, args.profile)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, as train_lm.py says it, and the shell's code for SIGINT
+        print("error: interrupted", file=sys.stderr)
+        return 130
     t = cfg.train
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.config}: {cfg.model.family}, batch {t.batch_size} x {t.seq_len} tokens, {name}, "

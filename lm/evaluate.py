@@ -2,15 +2,17 @@
 
 This is the one place evaluation log-likelihoods are summed. Every target position of the
 split is scored exactly once, as `data.batches` defines the pass (the first token has no
-context and is never a target): the LSTM as stateful streams, the Transformer by sliding
-windows. Totals are float64 and assembled across processes through Accelerate, so any
-number of processes gives the bpc of one, and bpc itself comes from
-`data.tokenizer.bits_per_byte` (total nats / bytes / ln 2).
+context and is never a target): the LSTM as stateful streams, none shorter than
+MIN_STREAM_TOKENS (each starts without context), the Transformer by sliding windows. Totals
+are float64 and assembled across processes through Accelerate, so any number of processes
+gives the bpc of one, and bpc itself comes from `data.tokenizer.bits_per_byte` (total nats /
+bytes / ln 2).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from dataclasses import asdict, dataclass
@@ -47,6 +49,34 @@ class EvalError(Exception):
     """A problem with the evaluation request, reported as one line naming the fix."""
 
 
+# The LSTM's shortest evaluation stream, in tokens. Every stream starts from a zero state, and
+# that cold start cost a trained LSTM (gcide, 256 units, seq_len 128) about 50 bits whatever
+# the stream's length: on the first 64,000 bytes of its valid split, 1.707 bpc as one stream,
+# 1.720 with streams of 4,000 bytes, 1.756 at 1,000, 2.096 at 127 (one BPTT window) and 3.40 at
+# 15. From 4,096 tokens on, the cold starts add about 0.01 bpc, so a figure does not depend on
+# how many streams ran; more streams than the split has room for are not run.
+MIN_STREAM_TOKENS = 4096
+
+
+def eval_batch_size(family: str, n_tokens: int, batch_size: int, *, context: int | None = None,
+                    stride: int | None = None, min_stream_tokens: int = MIN_STREAM_TOKENS) -> int:
+    """The batch an evaluation pass over `n_tokens` tokens really runs for a requested `batch_size`.
+
+    LSTM: at most one stream per `min_stream_tokens` targets (at least one stream), so that cold
+    starts do not inflate the bpc. Transformer: at most as many rows as the pass has windows;
+    more would only be masked padding (the figure is the same, the memory is not). The result
+    depends only on the arguments, so every process of a distributed pass gets the same one.
+    """
+    n_targets = count_scored(n_tokens)
+    if family == "lstm":
+        return max(1, min(batch_size, n_targets // min_stream_tokens))
+    if family == "transformer" and context is not None and stride is not None and stride >= 1:
+        # The window count of data.batches.window_eval_batches.
+        n_windows = 1 + math.ceil(max(n_targets - context, 0) / stride) if n_targets else 0
+        return max(1, min(batch_size, n_windows))
+    return batch_size  # _eval_batches reports what is missing
+
+
 def evaluate_bpc(
     model: nn.Module,
     data: np.ndarray,
@@ -61,13 +91,16 @@ def evaluate_bpc(
     accelerator: Accelerator | None = None,
     max_tokens: int | None = None,
     progress: str | None = None,
+    min_stream_tokens: int = MIN_STREAM_TOKENS,
 ) -> EvalResult:
     """Score every target of `data` (token ids) once and return the bits per byte.
 
     `member`: an int evaluates that member (0 for plain models); "ensemble" averages the
     members' probabilities (not their logits). `family` "lstm" streams `batch_size` states
-    through windows of `seq_len`; "transformer" scores sliding windows of `context` tokens
-    that advance by `stride`. `byte_lengths[token]` is the number of bytes a token stands for
+    through windows of `seq_len`, but no more streams than leave each `min_stream_tokens`
+    targets (MIN_STREAM_TOKENS; 1 runs exactly `batch_size`); "transformer" scores sliding
+    windows of `context` tokens that advance by `stride`, at most as many per batch as exist
+    (`eval_batch_size`). `byte_lengths[token]` is the number of bytes a token stands for
     (None: one byte each). With an `accelerator`, this process scores its share of the split
     and the returned totals are those of the whole split, identical on every process.
     `progress`: the label of a tqdm bar on the main process (None: no bar).
@@ -78,6 +111,9 @@ def evaluate_bpc(
         # of batches, so evaluate the bare module. The mixed-precision wrapper is kept.
         model = accelerator.unwrap_model(model)
     device = next(model.parameters()).device
+    n_tokens = len(data) if max_tokens is None else min(len(data), max_tokens)
+    batch_size = eval_batch_size(family, n_tokens, batch_size, context=context, stride=stride,
+                                 min_stream_tokens=min_stream_tokens)
     batches = _eval_batches(data, family, batch_size, seq_len, context, stride, rank, world_size, max_tokens)
     token_bytes = None if byte_lengths is None else torch.as_tensor(np.asarray(byte_lengths), dtype=torch.int64, device=device)
 
@@ -185,10 +221,11 @@ def find_models(path: Path) -> ModelSource:
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         kind = path.name if path.name in ("averaged", "swa") else "averaged"
         try:
-            raw = json.loads((path / "config.json").read_text())
-        except json.JSONDecodeError:
-            raise EvalError(f"{path / 'config.json'} is not valid JSON: re-export the model") from None
-        return ModelSource(config_from_dict(raw), {kind: path}, None)
+            cfg = config_from_dict(json.loads((path / "config.json").read_text()))
+        except (ValueError, ConfigError) as e:  # JSON errors are ValueErrors
+            raise EvalError(f"{path / 'config.json'} is not a valid run config ({e}); restore it from the run's "
+                            f"final/ or re-run training") from None
+        return ModelSource(cfg, {kind: path}, None)
     root = path.parent if path.name == "final" and not (path / "final").is_dir() else path
     final = root / "final"
     if not final.is_dir():
@@ -221,18 +258,29 @@ def _available_kinds(source: ModelSource) -> list[str]:
 
 def _load_model(source: ModelSource, kind: str) -> nn.Module:
     """The plain exported model of `kind`, or (kind "ensemble"/"members") the model with all members."""
-    try:
-        if kind in source.exported:
+    if kind in source.exported:
+        try:
             return load_exported(source.exported[kind])
-        model = build_model(source.cfg.model, source.cfg.late_phase)
+        except ExportError as e:
+            raise EvalError(str(e)) from None
+    model = build_model(source.cfg.model, source.cfg.late_phase)
+    try:
         load_model(model, str(source.members))
-        return model
-    except ExportError as e:
-        raise EvalError(str(e)) from None
-    except (SafetensorError, RuntimeError) as e:
-        where = source.exported.get(kind, source.members)
-        first_line = str(e).strip().splitlines()[0]
-        raise EvalError(f"cannot load the {kind} model from {where} ({first_line}); re-export it") from None
+    except SafetensorError as e:
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise EvalError(f"cannot load the {kind} model from {source.members} ({reason}): the file is damaged; "
+                        "restore it from a copy or re-run training") from None
+    except RuntimeError as e:
+        # torch's message is a header ("Error(s) in loading state_dict for LSTMLM:"), then a line per
+        # problem ("size mismatch for ...", "Missing key(s) ..."): the first problem says what differs.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        detail = (lines[1] if len(lines) > 1 else lines[0]).rstrip(".")
+        if len(detail) > 200:  # a "Missing key(s)" line lists every key
+            detail = detail[:200] + "..."
+        config = source.members.parent.parent / "config.yaml"  # RUN/final/members.safetensors -> RUN/config.yaml
+        raise EvalError(f"cannot load the {kind} model from {source.members}: it does not match {config} "
+                        f"({detail}); restore the run's own final/ and config.yaml, or re-run training") from None
+    return model
 
 
 def token_limit(data: np.ndarray, byte_lengths: np.ndarray, max_bytes: int | None) -> int | None:
@@ -304,14 +352,25 @@ def evaluate_run(
         )
     tokenizer = load_tokenizer(data_path, cfg.data.tokenizer, cfg.data.sp_vocab_size)
     data = load_split(data_path, split, tokenizer)
+    batch_name = "eval.batch_size" if batch_size is None else "--batch-size"
+    batch_size = cfg.eval.batch_size if batch_size is None else batch_size
+    max_tokens = token_limit(data, tokenizer.byte_lengths, max_bytes)
+    if cfg.model.family == "lstm":
+        # evaluate_bpc caps the streams itself; this only says so, once for all kinds.
+        n_tokens = len(data) if max_tokens is None else min(len(data), max_tokens)
+        streams = eval_batch_size("lstm", n_tokens, batch_size)
+        if streams < batch_size:
+            notes.append(f"{batch_name} {batch_size}: ran {streams} LSTM stream{'s' if streams > 1 else ''} instead, "
+                         f"so that each has at least {MIN_STREAM_TOKENS:,} tokens (a stream starts without context, "
+                         "and shorter ones inflate the bpc)")
     geometry = dict(
         family=cfg.model.family,
-        batch_size=cfg.eval.batch_size if batch_size is None else batch_size,
+        batch_size=batch_size,
         seq_len=cfg.train.seq_len,
         context=context,
         stride=stride,
         byte_lengths=tokenizer.byte_lengths,
-        max_tokens=token_limit(data, tokenizer.byte_lengths, max_bytes),
+        max_tokens=max_tokens,
         accelerator=accelerator,
     )
     device = torch.device("cpu") if accelerator is None else accelerator.device
@@ -370,7 +429,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="score only the first N bytes of the split")
     parser.add_argument("--data-dir", default=None, help="prepared data directory (default: the run's data.dir)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="streams/windows per batch, over all processes (default eval.batch_size)")
+                        help="streams/windows per batch, over all processes (default eval.batch_size); an LSTM "
+                        f"runs at most one stream per {MIN_STREAM_TOKENS:,} tokens of the split (each stream "
+                        "starts without context, so shorter ones would inflate the bpc), a Transformer at most "
+                        "as many windows as the split has")
     parser.add_argument("--context", type=positive_int, default=None,
                         help="Transformer window length (default eval.context)")
     parser.add_argument("--stride", type=positive_int, default=None,
@@ -383,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # e.g. while a multi-process launch waits for its other processes
+        print("error: interrupted", file=sys.stderr)
+        return 130
     try:
         kinds = None if args.models is None else [k.strip() for k in args.models.split(",") if k.strip()]
         results, notes, split_bytes = evaluate_run(
@@ -401,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.is_main_process:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, as train_lm.py says it, and the shell's code for SIGINT
+        if accelerator.is_main_process:
+            print("error: interrupted", file=sys.stderr)
+        return 130
     finally:
         accelerator.end_training()  # Accelerate's end of a script: closes the process group
     if not accelerator.is_main_process:

@@ -21,22 +21,58 @@ class PlotError(Exception):
     """A problem with the run directory, reported as one line naming the fix."""
 
 
+# The end of every error about a bad line of metrics.jsonl.
+CORRUPT = "the metrics file is corrupt; delete or repair that line"
+
+
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl file; a torn last line (run still writing) is skipped."""
+    """The records of a metrics.jsonl file; a torn last line (run still writing) is skipped.
+
+    Any other line that is not a JSON object with numeric step and bpc values is an error: it
+    would otherwise crash the plot (null, a list) or plot nonsense (a step "abc")."""
     if not path.is_file():
         raise PlotError(f"no {path.name} in {path.parent}: pass --run with a training run's out_dir")
-    lines = path.read_text().splitlines()
+    # Bytes, split on line ends only: a non-UTF-8 byte is then one corrupt line, not a crash of the whole read.
+    lines = path.read_bytes().splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             if number == len(lines):
                 break
-            raise PlotError(f"{path}:{number} is not JSON: the metrics file is corrupt") from None
+            raise PlotError(f"{path}:{number} is not JSON: {CORRUPT}") from None
+        problem = record_problem(record)
+        if problem is not None:
+            raise PlotError(f"{path}:{number} {problem}: {CORRUPT}")
+        records.append(record)
     return records
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # JSON true is no step or bpc
+
+
+def record_problem(record: object) -> str | None:
+    """Why `record` is not a metrics record the trainer writes (None: it is one)."""
+    if not isinstance(record, dict):
+        return f"is not a JSON object but {json.dumps(record)[:40]}"
+    if not _is_number(record.get("step")):
+        return f"has no numeric step (step: {json.dumps(record.get('step'))[:40]})"
+    checks = [("train_bpc", record.get("train_bpc"))]
+    valid = record.get("valid_bpc")
+    if valid is not None:
+        if not isinstance(valid, dict):
+            return f"has valid_bpc {json.dumps(valid)[:40]}, not an object of bpc by model kind"
+        checks += [(f"valid_bpc of {json.dumps(kind)}", bpc) for kind, bpc in valid.items()]
+    for name, value in checks:
+        if value is not None and not _is_number(value):
+            return f"has a non-numeric {name} ({json.dumps(value)[:40]})"
+    if "valid_bytes" in record and not _is_number(record["valid_bytes"]):  # labels the curves when present
+        return f"has a non-numeric valid_bytes ({json.dumps(record['valid_bytes'])[:40]})"
+    return None
 
 
 def phase_markers(cfg: Config) -> dict[str, int]:

@@ -135,3 +135,46 @@ def test_counts_must_be_positive(capsys, flag):
     with pytest.raises(SystemExit) as info:
         bench_train.main(["--config", SMOKE, flag, "0"])
     assert info.value.code == 2 and f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def not_run(*args, **kwargs):
+    raise AssertionError("the benchmark ran despite a bad flag")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--warmup", "1"], "--warmup must be >= 2 (the late phase starts at step 1), got 1"),
+    (["--profile", "-1"], "--profile must be >= 0 (0: no profile), got -1"),
+])
+def test_a_bad_warmup_or_profile_names_only_that_flag(capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(bench_train, "bench", not_run)
+    assert bench_train.main(["--config", SMOKE, *flags]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "nan", "inf"])
+def test_peak_tflops_must_be_a_positive_number(capsys, monkeypatch, value):
+    monkeypatch.setattr(bench_train, "bench", not_run)
+    with pytest.raises(SystemExit) as info:
+        bench_train.main(["--config", SMOKE, "--peak-tflops", value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument --peak-tflops: must be a finite number > 0, got {value}\n" in err
+    assert bench_train.positive_float("989.4") == 989.4
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(capsys, monkeypatch):
+    import os
+    import signal
+    import time
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while timing
+        time.sleep(5)  # the KeyboardInterrupt ends this
+        raise AssertionError("SIGINT did not interrupt")
+
+    monkeypatch.setattr(bench_train, "bench", interrupted)
+    try:
+        code = bench_train.main(["--config", SMOKE])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped lm.bench_train.main (a traceback for the user)")
+    out, err = capsys.readouterr()
+    assert (code, out, err) == (130, "", "error: interrupted\n")

@@ -107,7 +107,7 @@ def test_lstm_streams_score_every_target_once(n):
     data = unique_tokens(n, 1000, seed=n)
     positions = [p for p, _ in scored_positions(stream_eval_batches(data, 4, 16), data)]
     assert sorted(positions) == list(range(1, n))
-    result = evaluate_bpc(TinyLSTM(1000), data, family="lstm", batch_size=4, seq_len=16)
+    result = evaluate_bpc(TinyLSTM(1000), data, family="lstm", batch_size=4, seq_len=16, min_stream_tokens=1)
     assert result.n_targets == result.n_bytes == n - 1
 
 
@@ -157,20 +157,23 @@ def test_lstm_streams_carry_state_like_independent_full_passes():
             first, last = positions[0], positions[-1]
             assert positions == list(range(first, last + 1))  # a stream is one contiguous piece
             reference += float64_nats(model, seq[None, first - 1 : last], seq[None, first : last + 1], 0).sum().item()
-    result = evaluate_bpc(model, data, family="lstm", batch_size=4, seq_len=16)
+    result = evaluate_bpc(model, data, family="lstm", batch_size=4, seq_len=16, min_stream_tokens=1)
     assert result.nats == pytest.approx(reference, rel=1e-6)
+
+
+def float64_window_nats(model, data, context, stride):
+    """The scored nats of every sliding window, one window at a time in float64."""
+    reference = 0.0
+    for b in window_eval_batches(data, 1, context, stride):
+        reference += float64_nats(model, b.inputs, b.targets, 0)[0][b.mask[0]].sum().item()
+    return reference
 
 
 def test_transformer_equals_float64_on_the_same_windows():
     torch.manual_seed(2)
     data = np.random.default_rng(4).integers(0, 256, size=517, dtype=np.uint8)
     model = TinyCausal(256)
-    reference = 0.0
-    for b in window_eval_batches(data, 3, 24, 7):
-        for row in range(b.inputs.shape[0]):
-            if b.mask[row].any():
-                nats = float64_nats(model, b.inputs[row : row + 1], b.targets[row : row + 1], 0)[0]
-                reference += nats[b.mask[row]].sum().item()
+    reference = float64_window_nats(model, data, 24, 7)
     result = evaluate_bpc(model, data, family="transformer", batch_size=3, context=24, stride=7)
     assert result.n_bytes == 516
     assert result.nats == pytest.approx(reference, rel=1e-6)
@@ -259,6 +262,65 @@ def test_evaluation_runs_in_eval_mode_and_restores_train_mode():
     assert not model.training
 
 
+def test_eval_batch_size_caps_lstm_streams_and_transformer_windows():
+    from lm.evaluate import MIN_STREAM_TOKENS, eval_batch_size
+
+    assert MIN_STREAM_TOKENS == 4096
+    assert eval_batch_size("lstm", 10_000, 64) == 2  # 9,999 targets: two streams of at least 4,096
+    assert eval_batch_size("lstm", 10_000, 1) == 1
+    assert eval_batch_size("lstm", 100, 64) == 1  # a split shorter than one stream is one stream
+    assert eval_batch_size("lstm", 1001, 64, min_stream_tokens=100) == 10
+    assert eval_batch_size("lstm", 1001, 8, min_stream_tokens=100) == 8  # fewer asked for: kept
+    data = np.zeros(517, dtype=np.uint8)
+    n_windows = sum(1 for _ in window_eval_batches(data, 1, 24, 7))  # one window per batch: counted
+    assert n_windows == 72
+    assert eval_batch_size("transformer", 517, 100_000, context=24, stride=7) == 72
+    assert eval_batch_size("transformer", 517, 3, context=24, stride=7) == 3
+    assert eval_batch_size("transformer", 517, 100_000, context=24, stride=7, min_stream_tokens=1) == 72
+
+
+class RowCounter:
+    """Records the rows of every batch a model is called on."""
+
+    def __init__(self, model: nn.Module):
+        self.rows: list[int] = []
+        model.register_forward_pre_hook(lambda module, args: self.rows.append(args[0].shape[0]))
+
+
+def test_lstm_huge_batch_runs_one_stream_per_min_stream_tokens():
+    """--batch-size 100000 on a short split used to run 100,000 cold streams of under a byte each."""
+    torch.manual_seed(8)
+    data = np.random.default_rng(12).integers(0, 256, size=701, dtype=np.uint8)
+    model = TinyLSTM(256)
+    seq = torch.from_numpy(data.astype(np.int64))
+    # 700 targets < MIN_STREAM_TOKENS: one stream, the exact sequential pass.
+    rows = RowCounter(model).rows
+    result = evaluate_bpc(model, data, family="lstm", batch_size=100_000, seq_len=37)
+    assert set(rows) == {1}
+    assert result.nats == pytest.approx(float64_nats(model, seq[None, :-1], seq[None, 1:], 0).sum().item(), rel=1e-6)
+    # With streams of at least 70 targets: 10 streams of 70, each a full pass over its own piece.
+    rows.clear()
+    result = evaluate_bpc(model, data, family="lstm", batch_size=64, seq_len=37, min_stream_tokens=70)
+    assert set(rows) == {10}
+    reference = sum(float64_nats(model, seq[None, 70 * j : 70 * j + 70], seq[None, 70 * j + 1 : 70 * j + 71], 0)
+                    .sum().item() for j in range(10))
+    assert result.n_targets == 700
+    assert result.nats == pytest.approx(reference, rel=1e-6)
+
+
+def test_transformer_batch_is_capped_at_the_windows_there_are():
+    """A batch larger than the split's windows used to be padded to its full size (100 GB at 100000)."""
+    torch.manual_seed(9)
+    data = np.random.default_rng(13).integers(0, 256, size=517, dtype=np.uint8)
+    model = TinyCausal(256)
+    reference = float64_window_nats(model, data, 24, 7)
+    rows = RowCounter(model).rows
+    result = evaluate_bpc(model, data, family="transformer", batch_size=1000, context=24, stride=7)
+    assert rows == [72]  # 1 + ceil((516 - 24) / 7) windows, in one batch
+    assert result.n_bytes == 516
+    assert result.nats == pytest.approx(reference, rel=1e-6)
+
+
 DISTRIBUTED_SCRIPT = """
 import json, sys
 import numpy as np, torch
@@ -283,12 +345,20 @@ def distributed_cases():
     text = rng.integers(0, 256, size=1501, dtype=np.uint8)
     lengths = rng.integers(1, 4, size=256).astype(np.int64)
     return {
-        "lstm_member": (lstm, text, dict(family="lstm", member=1, batch_size=4, seq_len=33)),
-        "lstm_ensemble": (lstm, text, dict(family="lstm", member="ensemble", batch_size=6, seq_len=20)),
+        # min_stream_tokens=1: the streams asked for, although this split is shorter than MIN_STREAM_TOKENS.
+        "lstm_member": (lstm, text, dict(family="lstm", member=1, batch_size=4, seq_len=33, min_stream_tokens=1)),
+        "lstm_ensemble": (lstm, text, dict(family="lstm", member="ensemble", batch_size=6, seq_len=20,
+                                           min_stream_tokens=1)),
+        # Capped at 1500 // 300 = 5 streams: 3 on one process, 2 on the other.
+        "lstm_capped_streams": (lstm, text, dict(family="lstm", member=0, batch_size=64, seq_len=33,
+                                                 min_stream_tokens=300)),
         "transformer": (causal, text, dict(family="transformer", member=0, batch_size=4, context=20, stride=7,
                                            byte_lengths=lengths)),
         "transformer_ensemble": (causal, text[:333], dict(family="transformer", member="ensemble", batch_size=2,
                                                           context=20, stride=9)),
+        # Capped at the 36 windows there are.
+        "transformer_capped_batch": (causal, text[:333], dict(family="transformer", member=0, batch_size=1000,
+                                                              context=20, stride=9)),
     }
 
 
@@ -326,7 +396,9 @@ def make_run_dir(root: Path, *, swa: bool = True, family: str = "lstm",
     from lm.models import build_model, export
 
     data_dir = prepare_synthetic(root / "data", 24_000, seed=11)
-    settings = [f"data.dir={data_dir}", "late_phase.K=3", f"swa.enabled={str(swa).lower()}", "eval.batch_size=4",
+    # One LSTM stream: the 1,200-byte valid split is shorter than MIN_STREAM_TOKENS, so more would be capped (a note).
+    batch = 1 if family == "lstm" else 4
+    settings = [f"data.dir={data_dir}", "late_phase.K=3", f"swa.enabled={str(swa).lower()}", f"eval.batch_size={batch}",
                 f"model.family={family}", "model.d_model=16", "model.n_heads=2", "model.n_layers=1",
                 "model.max_seq_len=64", "train.seq_len=32", "eval.context=32", "eval.stride=16", *overrides]
     cfg = load_config(REPO / "configs" / "smoke.yaml", settings)
@@ -432,21 +504,87 @@ def test_cli_transformer_run_without_swa_notes_the_missing_kind(tmp_path, capsys
     assert code == 2 and err.startswith("error: --models swa") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("case", ["missing", "not_a_run", "bad_kind", "no_kind", "bad_data_dir", "corrupt_weights"])
+@pytest.mark.parametrize("case", ["missing", "not_a_run", "bad_kind", "no_kind", "bad_data_dir", "corrupt_weights",
+                                  "config_not_a_mapping", "config_not_json"])
 def test_cli_errors_are_one_line(run_dir, tmp_path, capsys, case):
     run, _ = run_dir
-    if case == "corrupt_weights":
-        (tmp_path / "config.json").write_text((run / "final" / "averaged" / "config.json").read_text())
+    if case in ("corrupt_weights", "config_not_a_mapping", "config_not_json"):
+        config = {"corrupt_weights": (run / "final" / "averaged" / "config.json").read_text(),
+                  "config_not_a_mapping": "[1, 2]", "config_not_json": "{model:"}[case]
+        (tmp_path / "config.json").write_text(config)
         (tmp_path / "model.safetensors").write_bytes(os.urandom(64))
     args = {"missing": ["--run", str(tmp_path / "nope")],
             "not_a_run": ["--run", str(tmp_path)],
             "bad_kind": ["--run", str(run), "--models", "averaged,best"],
             "no_kind": ["--run", str(run), "--models", ","],
             "bad_data_dir": ["--run", str(run), "--data-dir", str(tmp_path)],
-            "corrupt_weights": ["--run", str(tmp_path)]}[case]
+            "corrupt_weights": ["--run", str(tmp_path)]}.get(case, ["--run", str(tmp_path)])
     code, out, err = run_cli(args, capsys)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and err.count("\n") == 1
+    if case.startswith("config_"):  # the message names the file it is about
+        assert err.startswith(f"error: {tmp_path / 'config.json'} is not a valid run config ("), err
+
+
+def test_cli_notes_when_it_runs_fewer_lstm_streams_than_asked(run_dir, capsys):
+    run, models = run_dir
+    code, out, _ = run_cli(["--run", str(run), "--models", "averaged", "--batch-size", "100000", "--max-bytes", "700",
+                            "--json"], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert report["notes"] == ["--batch-size 100000: ran 1 LSTM stream instead, so that each has at least 4,096 "
+                               "tokens (a stream starts without context, and shorter ones inflate the bpc)"]
+    # The figure of one stream: the exact sequential pass.
+    seq = torch.from_numpy(np.fromfile(run.parent / "data" / "valid.bin", dtype=np.uint8)[:700].astype(np.int64))
+    reference = float64_nats(models["averaged"], seq[None, :-1], seq[None, 1:], 0).sum().item()
+    assert report["results"]["averaged"]["nats"] == pytest.approx(reference, rel=1e-6)
+    assert report["results"]["averaged"]["n_bytes"] == 699
+    code, _, err = run_cli(["--run", str(run), "--models", "averaged", "--batch-size", "2", "--max-bytes", "700"],
+                           capsys)
+    assert code == 0 and err == ("note: --batch-size 2: ran 1 LSTM stream instead, so that each has at least 4,096 "
+                                 "tokens (a stream starts without context, and shorter ones inflate the bpc)\n")
+    code, out, _ = run_cli(["--run", str(run), "--models", "averaged", "--batch-size", "1", "--json"], capsys)
+    assert code == 0 and json.loads(out)["notes"] == []
+
+
+@pytest.mark.parametrize("change,problem", [("hidden_size", "size mismatch for "),
+                                            ("num_layers", "Missing key(s) in state_dict: ")])
+def test_cli_members_that_do_not_match_the_config_say_so_and_what_to_do(run_dir, tmp_path, capsys, change, problem):
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir[0], run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"][change] *= 2
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = run_cli(["--run", str(run), "--models", "ensemble"], capsys)
+    assert code == 2 and out == ""
+    members = run / "final" / "members.safetensors"
+    assert err.startswith(f"error: cannot load the ensemble model from {members}: it does not match "
+                          f"{run / 'config.yaml'} ({problem}")
+    assert err.endswith("); restore the run's own final/ and config.yaml, or re-run training\n")
+    assert err.count("\n") == 1 and "Error(s) in loading" not in err and "re-export" not in err
+
+
+def test_cli_ctrl_c_is_one_line_and_exit_code_130(run_dir, capsys, monkeypatch):
+    import signal
+
+    import lm.evaluate
+
+    target_nats = lm.evaluate._target_nats
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the pass
+        return target_nats(*args, **kwargs)
+
+    monkeypatch.setattr(lm.evaluate, "_target_nats", interrupted)
+    try:
+        code, out, err = run_cli(["--run", str(run_dir[0]), "--models", "averaged"], capsys)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped lm.evaluate.main (a traceback for the user)")
+    assert (code, out, err) == (130, "", "error: interrupted\n")
 
 
 def test_cli_sentencepiece_run_claims_only_the_bytes_it_scored(tmp_path, capsys):
@@ -520,8 +658,9 @@ def test_progress_bar_counts_bytes_and_stays_off_outside_a_terminal(monkeypatch)
     n_bytes = int(lengths[data[1:]].sum())
     assert n_bytes != 119  # bytes, not the 119 target tokens
     for stream in (Terminal(), io.StringIO()):
-        # mininterval=0: every update is drawn, so the bar's last count is in the stream.
-        monkeypatch.setattr(lm.evaluate, "tqdm", partial(tqdm, file=stream, mininterval=0))
+        # mininterval=0, miniters=1: every update is drawn (not every few, as tqdm adapts to the
+        # rate by default), so the bar's last count is in the stream.
+        monkeypatch.setattr(lm.evaluate, "tqdm", partial(tqdm, file=stream, mininterval=0, miniters=1))
         result = evaluate_bpc(TinyLSTM(50), data, family="lstm", batch_size=2, seq_len=16, byte_lengths=lengths,
                               progress="averaged")
         assert result.n_bytes == n_bytes

@@ -126,6 +126,40 @@ def test_torn_last_line_is_skipped_but_corruption_is_an_error(tmp_path):
     assert main(["--run", str(run)]) == 2
 
 
+@pytest.mark.parametrize("line,problem", [
+    (b"null", "is not a JSON object but null"),
+    (b"[1, 2, 3]", "is not a JSON object but [1, 2, 3]"),
+    (b'{"step": 50, "train_bpc": 2.5, "lr": 0.01\xff}', "is not JSON"),  # a byte that is not UTF-8
+    (b'{"step": "abc", "train_bpc": "x"}', 'has no numeric step (step: "abc")'),
+    (b'{"train_bpc": 2.5}', "has no numeric step (step: null)"),
+    (b'{"step": true, "train_bpc": 2.5}', "has no numeric step (step: true)"),
+    (b'{"step": 50, "train_bpc": "x"}', 'has a non-numeric train_bpc ("x")'),
+    (b'{"step": 50, "valid_bpc": [2.5]}', "has valid_bpc [2.5], not an object of bpc by model kind"),
+    (b'{"step": 50, "valid_bpc": {"averaged": "2.5"}}', 'has a non-numeric valid_bpc of "averaged" ("2.5")'),
+    (b'{"step": 50, "valid_bpc": {"averaged": 2.5}, "valid_bytes": "many"}', 'has a non-numeric valid_bytes ("many")'),
+])
+def test_a_line_that_is_not_a_metrics_record_is_a_one_line_error(tmp_path, capsys, line, problem):
+    run, records = make_run(tmp_path, seed=9, overrides=[])
+    metrics = run / "metrics.jsonl"
+    good = metrics.read_bytes().splitlines(keepends=True)
+    metrics.write_bytes(b"".join(good[:3]) + line + b"\n" + b"".join(good[3:]))  # line 4 of the file
+    assert main(["--run", str(run)]) == 2
+    assert capsys.readouterr().err == f"error: {metrics}:4 {problem}: the metrics file is corrupt; " \
+                                      "delete or repair that line\n"
+    assert not (run / "bpc.png").exists()
+    if problem != "is not JSON":  # a whole line that parses is no torn write, last or not
+        metrics.write_bytes(b"".join(good) + line + b"\n")
+        assert main(["--run", str(run)]) == 2
+        assert f"metrics.jsonl:{len(good) + 1} {problem}: " in capsys.readouterr().err
+
+
+def test_torn_last_line_that_is_not_utf8_is_skipped(tmp_path):
+    run, records = make_run(tmp_path, seed=10, overrides=[])
+    metrics = run / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes() + b'{"step": 130, "train_\xe2\x82')  # cut inside a character
+    assert read_metrics(metrics) == records
+
+
 @pytest.mark.parametrize("case", ["missing_dir", "no_metrics", "bad_out_dir", "unknown_suffix", "no_suffix"])
 def test_cli_errors_are_one_line(tmp_path, capsys, case):
     run, _ = make_run(tmp_path, seed=5, overrides=[])
