@@ -40,24 +40,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Imported after argument parsing so that --help is instant.
-    from data.prepare import DataError
-    from lm.checkpoint import CheckpointError
-    from lm.config import ConfigError, load_config
-    from lm.trainer import Trainer, TrainingError
-
     # Under torchrun / accelerate launch every process gets here; one of them speaks.
     speaks = os.environ.get("RANK", "0") == "0"
+    cfg = None
     try:
-        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
-        results = Trainer(cfg, resume=args.resume).fit()
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
-        if speaks:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        # Imported after argument parsing so that --help is instant (and inside the try: a
+        # Ctrl-C during the imports is an interruption like any other).
+        from data.prepare import DataError
+        from lm.checkpoint import CheckpointError
+        from lm.config import ConfigError, load_config
+        from lm.trainer import Trainer, TrainingError
+
+        try:
+            cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+            results = Trainer(cfg, resume=args.resume).fit()
+        except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+            if speaks:
+                print(f"error: {e}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:
         if speaks:
-            print("error: interrupted; the last checkpoint is intact, continue with --resume", file=sys.stderr)
+            print(f"error: interrupted; {_what_is_left(cfg)}", file=sys.stderr)
         return 130
     if speaks:
         for split in ("valid", "test"):
@@ -66,6 +69,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"-> {cfg.run.out_dir}/results.json")
     return 0
 
+
+def _what_is_left(cfg) -> str:
+    """After a Ctrl-C: where the run can go on from."""
+    if cfg is None:
+        return "nothing was written"
+    from lm.checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(Path(cfg.run.out_dir).expanduser())
+    if checkpoint is None:
+        return "no checkpoint was written yet, so run the same command again (without --resume) to start over"
+    return f"the last checkpoint ({checkpoint.name}) is intact, continue with --resume"
 
 if __name__ == "__main__":
     from lm.accelerator import exit_process

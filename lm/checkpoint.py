@@ -13,6 +13,7 @@ directories and the next save removes them.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 
 from lm.files import replace_directory
 
@@ -96,12 +98,43 @@ def save_checkpoint(
     return final
 
 
+def _damaged(path: Path, detail: str) -> CheckpointError:
+    """The error for a checkpoint whose files cannot be read, naming the one to fall back on."""
+    older = [p for p in list_checkpoints(path.parent.parent) if p.name < path.name]
+    fix = (f"delete {path} to resume from {older[-1].name}" if older
+           else "delete it and start again without --resume, or choose another run.out_dir")
+    detail = detail.split(". ")[0]  # torch's torn-archive message goes on for three sentences
+    return CheckpointError(f"{path}: damaged ({detail}); {fix}")
+
+
+def _first_line(e: BaseException) -> str:
+    # torch's "Error(s) in loading state_dict for M:" heads a list ("size mismatch for ..."): the first item says most.
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
 def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
     """The readable metadata of checkpoint `path` (step, config, ...), without loading any tensor."""
-    state_file = Path(path) / STATE_FILE
+    path = Path(path)
+    state_file = path / STATE_FILE
     if not state_file.is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (no {STATE_FILE}); pick another one or start afresh")
-    return json.loads(state_file.read_text())
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSON and UTF-8 decoding errors are ValueErrors
+        raise _damaged(path, f"{STATE_FILE}: {_first_line(e)}") from None
+    if not isinstance(state, dict) or not {"step", "num_processes"} <= state.keys():  # what save_checkpoint adds
+        raise _damaged(path, f"{STATE_FILE} lacks step or num_processes")
+    return state
+
+
+# What reading a damaged file raises: a missing file, a torn zip archive (torch.save's format),
+# a torn pickle, a torn safetensors header.
+_UNREADABLE = (OSError, EOFError, pickle.UnpicklingError, SafetensorError)
+
+
+def _unreadable(e: BaseException) -> bool:
+    return isinstance(e, _UNREADABLE) or "PytorchStreamReader" in str(e)
 
 
 def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -116,12 +149,15 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict[st
         )
     try:
         accelerator.load_state(str(path))
-    except (RuntimeError, KeyError, ValueError) as e:
-        # torch's "Error(s) in loading state_dict for M:" heads a list ("size mismatch for ..."): the first item says most.
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        first = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-        raise CheckpointError(f"{path}: does not fit this model and optimiser ({first}); resume with the config "
-                              f"it was written with (in its {STATE_FILE}) or start a new run.out_dir") from e
-    main_tensors = torch.load(path / MAIN_TENSORS_FILE, map_location="cpu", weights_only=True)
-    process_state = torch.load(path / f"process_{accelerator.process_index}.pt", map_location="cpu", weights_only=True)
+        main_tensors = torch.load(path / MAIN_TENSORS_FILE, map_location="cpu", weights_only=True)
+        process_state = torch.load(path / f"process_{accelerator.process_index}.pt", map_location="cpu",
+                                   weights_only=True)
+    except Exception as e:  # loaders raise many types; each is one of the two cases below
+        if _unreadable(e):
+            raise _damaged(path, _first_line(e)) from e
+        if isinstance(e, (RuntimeError, KeyError, ValueError)):
+            raise CheckpointError(f"{path}: does not fit this model and optimiser ({_first_line(e)}); resume with "
+                                  f"the config it was written with (in its {STATE_FILE}) or start a new "
+                                  f"run.out_dir") from e
+        raise
     return state, main_tensors, process_state

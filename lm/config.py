@@ -181,6 +181,20 @@ _Yaml12Loader.add_implicit_resolver(
 )
 
 
+def _mapping_without_duplicates(loader: _Yaml12Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    # A key written twice would silently keep its last value: the first is then dead config.
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Yaml12Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Yaml12Loader)
 
@@ -290,22 +304,25 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
-            raise ConfigError(f"--config {path}: cannot read the file ({e.strerror}); see configs/ for examples") from None
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror}); see configs/ for examples") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a UTF-8 text file, so not a YAML config; see configs/ for examples") from None
         try:
             raw = _load_yaml(text) or {}
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             line = f" at line {where.line + 1}" if where is not None else ""
-            raise ConfigError(f"--config {path}: not valid YAML{line}; fix the file's syntax") from None
+            problem = f" ({e.problem})" if getattr(e, "problem", None) else ""
+            raise ConfigError(f"{path}: not valid YAML{line}{problem}; fix the file's syntax") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"--config {path}: expected a mapping of sections (run:, data:, ...) at the top level")
+            raise ConfigError(f"{path}: expected a mapping of sections (run:, data:, ...) at the top level")
     for text in overrides:
         section, key, value = parse_override(text)
         current = raw.setdefault(section, {})
         if not isinstance(current, dict):
-            raise ConfigError(f"{section}: expected a mapping of keys in --config {path}")
+            raise ConfigError(f"{section}: expected a mapping of keys in {path}")
         current[key] = value
     cfg = config_from_dict(raw)
     validate(cfg)
@@ -348,6 +365,10 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
         installed = {getattr(tracker, "value", tracker) for tracker in get_available_trackers()}
         _require(name in installed, "run.trackers",
                  f"{name!r} is not installed; pip install {name}, or remove it from run.trackers")
+
+    _require(cfg.data.source is None or cfg.data.corpus != "synthetic", "data.source",
+             f"{cfg.data.source} would be ignored: data.corpus=synthetic generates its corpus; add "
+             f"data.corpus=prepared (any text) or data.corpus=enwik8 to train on the file")
 
     t, lp, m = cfg.train, cfg.late_phase, cfg.model
     for key, value in [

@@ -41,3 +41,25 @@ def replace_directory(new: Path, target: Path) -> None:
     os.replace(new, target)
     if old is not None:
         shutil.rmtree(old)
+
+
+def writable_directory_problem(path: Path) -> str | None:
+    """Why a file cannot be written in directory `path` (created if missing), in words, or None
+    if it can. Tried for real, since permissions alone miss read-only mounts; leaves nothing
+    behind: directories this made are removed again."""
+    missing = [d for d in (path, *path.parents) if not d.exists()]
+    existing = next(d for d in (path, *path.parents) if d.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    finally:
+        for made in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                made.rmdir()
+    return None

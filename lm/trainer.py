@@ -43,7 +43,7 @@ from lm.checkpoint import (
 from lm.config import Config, ConfigError, config_to_dict, resolve_step, validate
 from lm.accelerator import make_accelerator, use_tf32
 from lm.evaluate import evaluate_bpc, token_limit
-from lm.files import replace_directory, write_text_atomically
+from lm.files import replace_directory, writable_directory_problem, write_text_atomically
 from lm.late_phase import (
     LatePhaseStepper,
     MemberSchedule,
@@ -149,10 +149,15 @@ class Trainer:
         use_tf32(cfg.train.tf32)
         validate(cfg, accelerator.num_processes)  # before any work: no out_dir for a bad config
         self.out_dir = Path(cfg.run.out_dir).expanduser()
+        problem = writable_directory_problem(self.out_dir)
+        if problem is not None:
+            raise TrainingError(f"cannot write run.out_dir={self.out_dir} ({problem}); give another run.out_dir")
         if resume:
             checkpoint = latest_checkpoint(self.out_dir)
             if checkpoint is None:
                 raise CheckpointError(f"--resume: no checkpoint in {self.out_dir}/checkpoints; run without --resume to start")
+            # Before the data is prepared: a resume with the wrong config must not download or write anything.
+            self._check_resumable(checkpoint, read_checkpoint_state(checkpoint))
         else:
             checkpoint = None
             if latest_checkpoint(self.out_dir) is not None:
@@ -374,27 +379,29 @@ class Trainer:
         finally:
             model.forward = wrapped
 
-    def evaluate(self, split: str, max_bytes: int | None, members: bool = False) -> dict[str, Any]:
+    def evaluate(self, split: str, max_bytes: int | None, members: bool = False,
+                 progress: bool = False) -> dict[str, Any]:
         """EvalResult of every model kind on `split` (its first `max_bytes` bytes; None: all of
-        it), all in float32 whatever the training precision."""
+        it), all in float32 whatever the training precision; `progress`: a bar per model kind."""
         with self._full_precision():
-            return self._evaluate(split, max_bytes, members)
+            return self._evaluate(split, max_bytes, members, progress)
 
-    def _evaluate(self, split: str, max_bytes: int | None, members: bool) -> dict[str, Any]:
+    def _evaluate(self, split: str, max_bytes: int | None, members: bool, progress: bool) -> dict[str, Any]:
         cfg, data = self.cfg, self.splits[split]
         geometry = dict(family=cfg.model.family, batch_size=cfg.eval.batch_size, seq_len=cfg.train.seq_len,
                         context=cfg.eval.context, stride=cfg.eval.stride, byte_lengths=self.byte_lengths,
                         accelerator=self.accelerator, max_tokens=token_limit(data, self.byte_lengths, max_bytes))
-        results = {"averaged": evaluate_bpc(self.averaged_model(), data, member=0, **geometry)}
+        models: dict[str, tuple[nn.Module, int | str]] = {"averaged": (self.averaged_model(), 0)}
         if self.schedule.phase(self.step) == "late":
-            results["ensemble"] = evaluate_bpc(self.unwrapped, data, member="ensemble", **geometry)
+            models["ensemble"] = (self.unwrapped, "ensemble")
             if members:
-                for k in range(self.schedule.K):
-                    results[f"member_{k}"] = evaluate_bpc(self.unwrapped, data, member=k, **geometry)
+                models.update({f"member_{k}": (self.unwrapped, k) for k in range(self.schedule.K)})
         swa = self.swa_model()
         if swa is not None:
-            results["swa"] = evaluate_bpc(swa, data, member=0, **geometry)
-        return results
+            models["swa"] = (swa, 0)
+        return {kind: evaluate_bpc(model, data, member=member, progress=f"{split} {kind}" if progress else None,
+                                   **geometry)
+                for kind, (model, member) in models.items()}
 
     def finish(self) -> dict[str, Any]:
         """Export final/ and write results.json: valid and test bpc of every model kind on the whole splits."""
@@ -412,7 +419,8 @@ class Trainer:
             replace_directory(tmp, final)
         results: dict[str, Any] = {"step": self.step, "n_bytes": {}}
         for split in ("valid", "test"):
-            evals = self.evaluate(split, None, members=self.cfg.eval.members)
+            # The whole splits, every model kind: at the paper's size this takes minutes, so it shows bars.
+            evals = self.evaluate(split, None, members=self.cfg.eval.members, progress=True)
             results[split] = {kind: r.bpc for kind, r in evals.items()}
             results["n_bytes"][split] = evals["averaged"].n_bytes
         if self.is_main:
@@ -442,7 +450,7 @@ class Trainer:
         """Refuse (one line) a config that changes what the checkpoint's weights, optimiser state and
         data position mean, or moves T0 or swa.start across its step; note any other change."""
         saved, current = state["config"], config_to_dict(self.cfg)
-        saved["model"]["vocab_size"] = self.cfg.model.vocab_size
+        saved["model"]["vocab_size"] = current["model"]["vocab_size"]  # set by the tokenizer, which the data fixes
         fixed = [*_FIXED_ON_RESUME, *(f"model.{k}" for k in current["model"] if k not in _MODEL_HOW)]
         if self.cfg.model.family == "lstm":  # each accumulation micro-batch carries its own streams' state
             fixed.append("train.grad_accum")
@@ -451,7 +459,8 @@ class Trainer:
             was = saved.get(section, {}).get(name, current[section][name])  # absent: written before the key existed
             if was != current[section][name]:
                 raise CheckpointError(f"{path} was written with {key}={was!r}, now {current[section][name]!r}; "
-                                      f"resume with {key}={was!r}, or start a new run.out_dir")
+                                      f"resume with {key}={was!r} (or --config {self.out_dir / 'config.yaml'}, the "
+                                      f"run's own), or start a new run.out_dir")
         step = int(state["step"])
         if step > self.cfg.train.max_steps:
             raise CheckpointError(f"{path} is at step {step}, past train.max_steps={self.cfg.train.max_steps}; "
@@ -473,7 +482,6 @@ class Trainer:
             print(f"note: resuming {path} with changed settings: {', '.join(changed)}")
 
     def _restore(self, path: Path) -> None:
-        self._check_resumable(path, read_checkpoint_state(path))
         # Loading an optimiser's state replaces its param groups, hyperparameters included: keep
         # this config's (learning rate, betas, weight decay), which a resume may change.
         settings = [[{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
@@ -506,7 +514,8 @@ class Trainer:
         if not path.exists():
             return
         kept = []
-        for line in path.read_text().splitlines(keepends=True):
+        # Bytes that are not UTF-8 (a damaged file) are replaced, which makes their line unreadable JSON: dropped.
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
             try:
                 if json.loads(line)["step"] <= self.step:
                     kept.append(line if line.endswith("\n") else line + "\n")

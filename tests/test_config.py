@@ -81,6 +81,7 @@ def test_int_and_fraction_steps_stay_distinct():
         (["train.warmup_steps=500", "train.max_steps=120"], "train.warmup_steps"),
         (["train.mixed_precision=fp16", "late_phase.mode=rank1"], "train.mixed_precision"),
         (["train.max_steps"], "train.max_steps"),
+        (["data.corpus=synthetic", "data.source=corpus.txt"], "data.source"),  # it would be ignored
     ],
 )
 def test_bad_values_raise_one_line_naming_the_key(overrides, key):
@@ -116,6 +117,24 @@ def test_unreadable_and_malformed_files(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(listy)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00train")
+    with pytest.raises(ConfigError, match=r"binary.yaml: not a UTF-8 text file"):
+        load_config(binary)
+
+
+def test_a_key_written_twice_is_refused(tmp_path):
+    # YAML keeps the last of two equal keys, so the first would be dead config that looks live.
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 0.1\n  max_steps: 10\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: not valid YAML at line 4 \(key 'lr' appears twice\)"):
+        load_config(path)
+    path.write_text("train:\n  lr: 0.1\nswa:\n  every: 3\ntrain:\n  max_steps: 10\n")
+    with pytest.raises(ConfigError, match="key 'train' appears twice"):
+        load_config(path)
+    path.write_text("train:\n  lr: 0.1\nswa:\n  lr: 0.2\n")  # the same name in two sections is fine
+    with pytest.raises(ConfigError, match="^swa.lr: unknown key"):
+        load_config(path)
 
 
 def test_yaml_12_booleans_keep_no_a_string(tmp_path):

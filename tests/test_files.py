@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from lm.files import atomic_path, replace_directory, write_text_atomically
+from lm.files import atomic_path, replace_directory, writable_directory_problem, write_text_atomically
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -43,3 +43,22 @@ def test_replacing_a_directory_keeps_the_old_copy_whole_until_the_new_one_is_in(
     replace_directory(new, target)
     assert (target / "model").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_writable_directory_problem_says_why_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    assert writable_directory_problem(a_file) == f"{a_file} is a file, not a directory"
+    assert writable_directory_problem(a_file / "run") == f"{a_file} is a file, not a directory"
+    assert writable_directory_problem(tmp_path / "new" / "run") is None
+    assert sorted(tmp_path.iterdir()) == [a_file]  # the directories it made to try are gone
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert writable_directory_problem(existing) is None and existing.is_dir() and not list(existing.iterdir())
+
+    def refuse(self, *args, **kwargs):  # a read-only mount (root ignores permission bits)
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr("pathlib.Path.touch", refuse)
+    assert writable_directory_problem(tmp_path / "ro" / "run") == "Permission denied"
+    assert not (tmp_path / "ro").exists()

@@ -424,6 +424,96 @@ def test_resume_refuses_settings_the_checkpoint_cannot_continue_with(capsys, tmp
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]  # nothing written
 
 
+def test_an_unwritable_out_dir_is_one_line_before_any_work(capsys, tmp_path):
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("not a directory")
+    data = tmp_path / "data"
+    for out in (blocker, blocker / "run"):
+        code, err = run_cli(capsys, "--config", str(SMOKE), *tiny_args(out, data))
+        assert code == 2 and err == f"error: cannot write run.out_dir={out} ({blocker} is a file, not a directory); " \
+                                    f"give another run.out_dir\n"
+    assert not data.exists()
+
+
+def test_resume_checks_the_config_before_preparing_data(capsys, tmp_path, data_dir, reference_run):
+    # Resuming with the wrong data (say, without the run's own --config) must not download or
+    # write a corpus first.
+    out = tmp_path / "run"
+    shutil.copytree(reference_run / "checkpoints" / "step_0000008", out / "checkpoints" / "step_0000008")
+    new_data = tmp_path / "other_data"
+    code, err = run_cli(capsys, "--config", str(SMOKE), *tiny_args(out, new_data), "data.synthetic_bytes=200000",
+                        "--resume")
+    assert code == 2 and "written with data.synthetic_bytes=40000, now 200000" in err, err
+    assert f"--config {out / 'config.yaml'}" in err and not new_data.exists()
+
+
+@pytest.mark.parametrize("damage, detail", [
+    (lambda c: (c / "trainer.pt").write_bytes((c / "trainer.pt").read_bytes()[:50]), "PytorchStreamReader"),
+    (lambda c: (c / "model.safetensors").unlink(), "No such file"),
+    (lambda c: (c / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{"), "header"),
+    (lambda c: (c / "process_0.pt").unlink(), "No such file"),
+    (lambda c: (c / "trainer_state.json").write_text(""), "trainer_state.json: Expecting value"),
+])
+def test_a_damaged_checkpoint_names_the_one_to_resume_from(capsys, tmp_path, data_dir, reference_run, damage, detail):
+    out = tmp_path / "run"
+    for step in ("step_0000004", "step_0000008"):
+        shutil.copytree(reference_run / "checkpoints" / step, out / "checkpoints" / step)
+    latest = out / "checkpoints" / "step_0000008"
+    damage(latest)
+    code, err = run_cli(capsys, "--config", str(SMOKE), *tiny_args(out, data_dir), "--resume")
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {latest}: damaged (") and detail in err, err
+    assert err.endswith(f"delete {latest} to resume from step_0000004\n"), err
+    shutil.rmtree(latest)  # the advice works
+    assert train_lm.main(["--config", str(SMOKE), *tiny_args(out, data_dir), "--resume"]) == 0
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_ctrl_c_says_whether_there_is_a_checkpoint_to_resume(capsys, tmp_path, data_dir, reference_run, monkeypatch,
+                                                             checkpointed):
+    out = tmp_path / "run"
+    if checkpointed:
+        shutil.copytree(reference_run / "checkpoints" / "step_0000008", out / "checkpoints" / "step_0000008")
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "fit", interrupted)
+    code, err = run_cli(capsys, "--config", str(SMOKE), *tiny_args(out, data_dir), *(["--resume"] if checkpointed else []))
+    assert code == 130
+    if checkpointed:
+        assert err == "error: interrupted; the last checkpoint (step_0000008) is intact, continue with --resume\n"
+    else:
+        assert err == ("error: interrupted; no checkpoint was written yet, so run the same command again "
+                       "(without --resume) to start over\n")
+
+
+def test_the_final_evaluation_shows_a_bar_per_split_and_model_kind(tmp_path, data_dir, reference_run, monkeypatch):
+    out = tmp_path / "finished"
+    shutil.copytree(reference_run, out)
+    labels = []
+    real = evaluate_bpc
+
+    def spy(*args, progress=None, **kwargs):
+        labels.append(progress)
+        return real(*args, progress=progress, **kwargs)
+
+    monkeypatch.setattr("lm.trainer.evaluate_bpc", spy)
+    Trainer(tiny_config(out, data_dir), resume=True).fit()
+    kinds = ["averaged", "ensemble", "member_0", "member_1", "member_2", "swa"]
+    assert labels == [f"{split} {kind}" for split in ("valid", "test") for kind in kinds]
+
+
+def test_resume_drops_a_metrics_line_that_is_not_utf8(tmp_path, data_dir, reference_run):
+    out = tmp_path / "run"
+    shutil.copytree(reference_run / "checkpoints" / "step_0000008", out / "checkpoints" / "step_0000008")
+    lines = (reference_run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_bytes(lines[0] + b"\xff\xfe garbage\n" + b"".join(lines[1:]))
+    Trainer(tiny_config(out, data_dir), resume=True)
+    kept = (out / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    assert kept == [line for line in lines if json.loads(line)["step"] <= 8]
+
+
 def test_resume_trains_with_the_new_optimiser_settings(tmp_path, data_dir, reference_run):
     # The checkpoint's optimiser state carries its param groups (lr 1e-2, betas (0.9, 0.999)):
     # the moments must come back, the hyperparameters must be the resumed config's.
