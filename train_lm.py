@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "enwik8_lstm_late_phase.yaml"
+SILENT_EXIT_DELAY_S = 2.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, DataError, CheckpointError, TrainingError) as e:
             if speaks:
                 print(f"error: {e}", file=sys.stderr)
+            else:
+                # Every process has the error (lm.accelerator.raise_everywhere), but a launcher stops
+                # the others once one exits: the silent ones leave last, after the line is out.
+                time.sleep(SILENT_EXIT_DELAY_S)
             return 2
     except KeyboardInterrupt:
         if speaks:

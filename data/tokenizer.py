@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,9 @@ def train_sentencepiece(data_dir: str | os.PathLike, vocab_size: int,
     text = "\n".join(bytes(train[s:s + chunk]).decode("utf-8", errors="ignore") for s in starts.tolist())
     lines = [line for line in text.split("\n") if line]
     # No progress callback exists in SentencePiece's trainer; say what is happening instead.
-    print(f"training SentencePiece ({vocab_size} pieces) on {n_chunks * chunk:,} bytes of {data_dir}/train.bin")
+    # On stderr: stdout may be a report (lm.evaluate --json).
+    print(f"training SentencePiece ({vocab_size} pieces) on {n_chunks * chunk:,} bytes of {data_dir}/train.bin",
+          file=sys.stderr)
     final = data_dir / f"sp{vocab_size}.model"
     prefix = data_dir / f"sp{vocab_size}.tmp-{os.getpid()}"
     try:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import NoReturn
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 
 from lm.config import ConfigError
 
@@ -54,6 +55,35 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
                               cpu=multi_cpu, log_with=trackers or None, project_dir=project_dir)
     check_distributed_type(accelerator.distributed_type)
     return accelerator
+
+
+T = TypeVar("T")
+
+
+def raise_everywhere(error: Exception | None) -> None:
+    """Raise, on every process, the first error any process met (None: this one met none); every
+    process must call it. An error only some processes meet (a download on the main process, one
+    process's damaged checkpoint file) would otherwise leave the others to die with a traceback at
+    their next collective, and be lost where the process meeting it is not the one that prints."""
+    errors = [e for e in gather_object([error]) if e is not None]
+    if errors:
+        raise errors[0]
+
+
+def main_process_first(accelerator: Accelerator, work: Callable[[], T],
+                       errors: tuple[type[Exception], ...]) -> T:
+    """work() on the main process, then on the others, which then find what it wrote (prepared
+    data, a trained tokenizer) in place. Unlike Accelerate's context manager of that name, an
+    error of the types `errors` reaches every process (raise_everywhere)."""
+    result, error = None, None
+    for turn_of_main in (True, False):
+        if accelerator.is_main_process == turn_of_main:
+            try:
+                result = work()
+            except errors as e:
+                error = e
+        raise_everywhere(error)
+    return result
 
 
 def exit_process(code: int) -> NoReturn:

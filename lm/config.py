@@ -419,9 +419,6 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
                  f"the parallel schedule needs every micro-batch to hold a multiple of K={lp.K} sequences; "
                  f"use a multiple of {shards * lp.K} ({num_processes} process(es) x {t.grad_accum} "
                  f"accumulation step(s) x K)")
-    _require(cfg.eval.batch_size % num_processes == 0, "eval.batch_size",
-             f"{cfg.eval.batch_size} does not split evenly over {num_processes} processes; "
-             f"use a multiple of {num_processes}")
 
     if m.family == "transformer":
         _require(m.d_model % m.n_heads == 0, "model.n_heads",

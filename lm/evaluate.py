@@ -31,7 +31,7 @@ from data.batches import EvalBatch, count_scored, stream_eval_batches, window_ev
 from data.prepare import DataError
 from data.tokenizer import bits_per_byte, load_split, load_tokenizer
 from kernels.cli import positive_int
-from lm.accelerator import exit_process, make_accelerator, use_tf32
+from lm.accelerator import exit_process, main_process_first, make_accelerator, use_tf32
 from lm.config import Config, ConfigError, config_from_dict, load_config
 from lm.late_phase import ensemble_log_probs, num_members
 from lm.models import ExportError, build_model, load_exported
@@ -350,8 +350,12 @@ def evaluate_run(
         raise EvalError(
             f"no {split}.bin in data directory {data_path}: pass --data-dir DIR with the run's prepared splits"
         )
-    tokenizer = load_tokenizer(data_path, cfg.data.tokenizer, cfg.data.sp_vocab_size)
-    data = load_split(data_path, split, tokenizer)
+    def load_data():  # a SentencePiece model missing from the directory is trained once, by the main process
+        tokenizer = load_tokenizer(data_path, cfg.data.tokenizer, cfg.data.sp_vocab_size)
+        return tokenizer, load_split(data_path, split, tokenizer)
+
+    tokenizer, data = (load_data() if accelerator is None else
+                       main_process_first(accelerator, load_data, (DataError, ConfigError, EvalError)))
     batch_name = "eval.batch_size" if batch_size is None else "--batch-size"
     batch_size = cfg.eval.batch_size if batch_size is None else batch_size
     max_tokens = token_limit(data, tokenizer.byte_lengths, max_bytes)

@@ -41,7 +41,7 @@ from lm.checkpoint import (
     save_checkpoint,
 )
 from lm.config import Config, ConfigError, config_to_dict, resolve_step, validate
-from lm.accelerator import make_accelerator, use_tf32
+from lm.accelerator import main_process_first, make_accelerator, raise_everywhere, use_tf32
 from lm.evaluate import evaluate_bpc, token_limit
 from lm.files import replace_directory, writable_directory_problem, write_text_atomically
 from lm.late_phase import (
@@ -149,9 +149,10 @@ class Trainer:
         use_tf32(cfg.train.tf32)
         validate(cfg, accelerator.num_processes)  # before any work: no out_dir for a bad config
         self.out_dir = Path(cfg.run.out_dir).expanduser()
-        problem = writable_directory_problem(self.out_dir)
-        if problem is not None:
-            raise TrainingError(f"cannot write run.out_dir={self.out_dir} ({problem}); give another run.out_dir")
+        # One process tries the directory: several making and removing it at once would race.
+        problem = writable_directory_problem(self.out_dir) if accelerator.is_main_process else None
+        raise_everywhere(None if problem is None else
+                         TrainingError(f"cannot write run.out_dir={self.out_dir} ({problem}); give another run.out_dir"))
         if resume:
             checkpoint = latest_checkpoint(self.out_dir)
             if checkpoint is None:
@@ -168,10 +169,12 @@ class Trainer:
         t = cfg.train
 
         # Data: the main process prepares (downloads, splits, trains a tokenizer) while the others wait.
-        with accelerator.main_process_first():
+        def load_data():
             data_dir = prepare_data(cfg)
             tokenizer = load_tokenizer(data_dir, cfg.data.tokenizer, cfg.data.sp_vocab_size)
-            self.splits = {name: load_split(data_dir, name, tokenizer) for name in ("train", "valid", "test")}
+            return tokenizer, {name: load_split(data_dir, name, tokenizer) for name in ("train", "valid", "test")}
+
+        tokenizer, self.splits = main_process_first(accelerator, load_data, (DataError, ConfigError))
         self.byte_lengths = np.asarray(tokenizer.byte_lengths)
         cfg.model.vocab_size = tokenizer.vocab_size
         if cfg.model.family == "lstm":  # stateful: contiguous streams, hidden state carried across windows
@@ -449,6 +452,10 @@ class Trainer:
     def _check_resumable(self, path: Path, state: dict[str, Any]) -> None:
         """Refuse (one line) a config that changes what the checkpoint's weights, optimiser state and
         data position mean, or moves T0 or swa.start across its step; note any other change."""
+        if state["num_processes"] != self.accelerator.num_processes:  # load_checkpoint checks it too, later
+            raise CheckpointError(f"{path}: written by {state['num_processes']} process(es), resumed with "
+                                  f"{self.accelerator.num_processes}; resume with the same number of processes "
+                                  f"(each owns its data streams)")
         saved, current = state["config"], config_to_dict(self.cfg)
         saved["model"]["vocab_size"] = current["model"]["vocab_size"]  # set by the tokenizer, which the data fixes
         fixed = [*_FIXED_ON_RESUME, *(f"model.{k}" for k in current["model"] if k not in _MODEL_HOW)]
@@ -486,7 +493,12 @@ class Trainer:
         # this config's (learning rate, betas, weight decay), which a resume may change.
         settings = [[{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
                     for opt in self.optimizers]
-        state, main_tensors, process_state = load_checkpoint(self.accelerator, path)
+        state = main_tensors = process_state = error = None
+        try:  # each process reads its own files, and only one of them may be damaged
+            state, main_tensors, process_state = load_checkpoint(self.accelerator, path)
+        except CheckpointError as e:
+            error = e
+        raise_everywhere(error)
         for opt, groups in zip(self.optimizers, settings):
             for group, setting in zip(opt.param_groups, groups):
                 group.update(setting)

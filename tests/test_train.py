@@ -182,6 +182,35 @@ def test_killed_during_checkpoint_write_leaves_previous_checkpoint_resumable(ref
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
+def torchrun(*argv: str) -> subprocess.CompletedProcess:
+    # --standalone: a free rendezvous port, so concurrent test runs on one machine do not collide.
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "train_lm.py"), *argv], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("case", ["data_on_the_main_process", "checkpoint_file_of_process_1"])
+def test_an_error_met_by_one_process_is_one_line_from_every_process(reference_run, tmp_path, data_dir, case):
+    # The main process prepares the data alone, and each process reads its own checkpoint file:
+    # an error there used to leave the other process to die at its next collective with a gloo
+    # traceback, or (met by process 1, which does not print) to print no error at all.
+    out = tmp_path / "run"
+    if case == "data_on_the_main_process":
+        (tmp_path / "empty").mkdir()
+        argv = ["--config", str(SMOKE), *tiny_args(out, tmp_path / "empty"), "data.corpus=prepared"]
+        expected = f"error: data.corpus=prepared but {tmp_path / 'empty'} holds no prepared splits"
+    else:
+        proc = torchrun("--config", str(SMOKE), *tiny_args(out, data_dir, "train.max_steps=10"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        latest = latest_checkpoint(out)
+        (latest / "process_1.pt").unlink()
+        argv = ["--config", str(SMOKE), *tiny_args(out, data_dir, "train.max_steps=10"), "--resume"]
+        expected = f"error: {latest}: damaged ("
+    proc = torchrun(*argv)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1 and errors[0].startswith(expected), proc.stderr[-3000:]
+    assert "[rank" not in proc.stderr, proc.stderr[-3000:]  # no process's traceback (torchrun's own summary aside)
+
+
 PARALLEL = ("late_phase.schedule=parallel", "late_phase.K=2")  # each process's 2 rows = K members
 
 
@@ -194,12 +223,7 @@ def test_two_processes_match_one(reference_run, tmp_path, data_dir, schedule):
     else:
         one_process = reference_run
     out = tmp_path / "two_processes"
-    proc = subprocess.run(
-        # --standalone: a free rendezvous port, so concurrent test runs on one machine do not collide.
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "train_lm.py"), "--config", str(SMOKE), *tiny_args(out, data_dir, *extra)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    proc = torchrun("--config", str(SMOKE), *tiny_args(out, data_dir, *extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (out / "checkpoints" / "step_0000012").glob("process_*.pt")) == [
         "process_0.pt", "process_1.pt"]
