@@ -43,7 +43,8 @@ def prepare_enwik8(out_dir: str | os.PathLike, url: str = URL, sha256: str = SHA
     """Prepare DIR/{train,valid,test}.bin + manifest.json from enwik8; no work if already done."""
     out_dir = Path(out_dir)
     sha256 = sha256.lower()
-    if prepared_as(out_dir, {"corpus": "enwik8"}):
+    # The checksum too: a directory prepared from another file on purpose (--sha256) is not enwik8.
+    if prepared_as(out_dir, {"corpus": "enwik8", "zip_sha256": sha256}):
         print(f"{out_dir} already holds enwik8; nothing to do")
         return out_dir
     # The download creates out_dir before write_splits does: a failure anywhere removes it again.

@@ -1,6 +1,6 @@
 """An LSTM layer's recurrence over a window for all K rank-1 members at once.
 
-Member k's recurrent matrix is W_hh * (r_k s_kᵀ) (PAPER.md section 2), so one time step is
+Member k's recurrent matrix is W_hh * (r_k s_kᵀ) (the paper's rank-1 form), so one time step is
 
     gates = x_gates[:, :, t] + ((h * s_k) @ W_hhᵀ) * r_k        (nn.LSTM's order: i, f, g, o)
     c = sigmoid(f) * c + sigmoid(i) * tanh(g)

@@ -2,7 +2,7 @@
 
     out[k] = ((x[k] * s[k]) @ weight.T) * r[k] + bias[k]
 
-Member k's effective weight is W_k = W * (r_k s_kᵀ) (PAPER.md section 2); the kernels never
+Member k's effective weight is W_k = W * (r_k s_kᵀ) (the paper's rank-1 form, as in BatchEnsemble); the kernels never
 build it. Layout follows the Triton tutorials: the eager reference, the Triton kernels, the
 autograd wrapper and the dispatcher `rank1_linear` live side by side in this file; the
 benchmark is `python -m kernels.bench` and the ahead-of-time GPU compile check is

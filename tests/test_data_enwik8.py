@@ -75,6 +75,9 @@ def test_download_success_splits_exactly_and_second_run_does_nothing(server, cor
     del server.routes["/ok.zip"]  # a second download would now fail with 404
     prepare_enwik8(out, url=url, sha256=hashlib.sha256(archive).hexdigest())
     assert "nothing to do" in capsys.readouterr().out
+    # Prepared from another file on purpose (--sha256), the directory is not the real enwik8.
+    with pytest.raises(DataError, match="different corpus"):
+        prepare_enwik8(out, url=url)
 
 
 def _unreachable_url() -> str:
