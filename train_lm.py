@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=None,
                         help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parent.parent)})")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in run.out_dir (same config and process count)")
+                        help="continue from the latest checkpoint in run.out_dir; the data, model, K, schedule, "
+                             "batch and process count must stay (simplest: --config RUN/config.yaml --resume)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override a config value, e.g. train.max_steps=1000 late_phase.K=4 swa.enabled=true")
     return parser.parse_intermixed_args(argv)  # overrides may come before and after the flags

@@ -148,8 +148,9 @@ def _main(argv: list[str] | None) -> None:
     parser.add_argument("--out", required=True, help="output directory DIR")
     parser.add_argument("--url", default=URL, help="where to download enwik8.zip (default: %(default)s)")
     parser.add_argument("--sha256", default=SHA256,
-                        help="expected sha256 of the zip (default: the pinned enwik8.zip checksum); a different "
-                             "value also accepts any length and splits by fractions 0.9/0.05/0.05")
+                        help="expected sha256 of the zip, or of an extracted --source file (default: the pinned "
+                             "enwik8.zip checksum; an extracted enwik8 is then checked by its pinned sha1); another "
+                             "value takes another file on purpose, of any length, split 0.9/0.05/0.05")
     parser.add_argument("--source", help="local enwik8.zip or extracted enwik8 file, instead of downloading")
     args = parser.parse_args(argv)
     prepare_enwik8(out_dir_arg(args.out, "data/enwik8"), url=args.url, sha256=args.sha256, source=args.source)

@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SHARED_MEMORY_LIMIT),
                         help="CUDA compute capabilities to compile for (default: 90 80)")
-    parser.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="parallel compiler processes")
+    parser.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
+                        help="parallel compiler processes (default: the CPU count, %(default)s)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

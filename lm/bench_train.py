@@ -272,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", required=True, help="configs/NAME.yaml")
     parser.add_argument("--steps", type=positive_int, default=30, help="timed steps per round (default 30)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5; late_phase spawns at 1)")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed steps first, at least 2: the late-phase variants spawn their members at "
+                             "step 1 (default 5)")
     parser.add_argument("--repeats", type=positive_int, default=3, help="rounds; the fastest is reported (default 3)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="afterwards, profile STEPS steps of each variant and print its top operators")

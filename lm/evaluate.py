@@ -212,6 +212,9 @@ class ModelSource:
     cfg: Config
     exported: dict[str, Path]  # kind -> exported plain-model directory (config.json + model.safetensors)
     members: Path | None  # the late-phase model with all members (final/members.safetensors)
+    # The kinds it should have, so that only a missing one of these is worth a note: an exported
+    # directory holds its one model, a run what its config trains (no ensemble for a plain run).
+    expected: frozenset[str]
 
 
 def find_models(path: Path) -> ModelSource:
@@ -225,7 +228,7 @@ def find_models(path: Path) -> ModelSource:
         except (ValueError, ConfigError) as e:  # JSON errors are ValueErrors
             raise EvalError(f"{path / 'config.json'} is not a valid run config ({e}); restore it from the run's "
                             f"final/ or re-run training") from None
-        return ModelSource(cfg, {kind: path}, None)
+        return ModelSource(cfg, {kind: path}, None, frozenset({kind}))
     root = path.parent if path.name == "final" and not (path / "final").is_dir() else path
     final = root / "final"
     if not final.is_dir():
@@ -246,7 +249,10 @@ def find_models(path: Path) -> ModelSource:
         kind: final / kind for kind in ("averaged", "swa") if (final / kind / "model.safetensors").is_file()
     }
     members = final / "members.safetensors"
-    return ModelSource(load_config(str(root / "config.yaml"), []), exported, members if members.is_file() else None)
+    cfg = load_config(str(root / "config.yaml"), [])
+    expected = {"averaged", *(["ensemble"] if cfg.late_phase.mode == "late_phase" else []),
+                *(["swa"] if cfg.swa.enabled else [])}
+    return ModelSource(cfg, exported, members if members.is_file() else None, frozenset(expected))
 
 
 def _available_kinds(source: ModelSource) -> list[str]:
@@ -315,7 +321,8 @@ def evaluate_run(
     notes: list[str] = []
     if kinds is None:
         wanted = [k for k in DEFAULT_KINDS if k in available]
-        notes += [f"no {k} model in {path}; skipped" for k in DEFAULT_KINDS if k not in available]
+        notes += [f"no {k} model in {path}; skipped" for k in DEFAULT_KINDS
+                  if k not in available and k in source.expected]
     else:
         if not kinds:
             raise EvalError(f"--models names no model kind; choose from {','.join(MODEL_KINDS)}")

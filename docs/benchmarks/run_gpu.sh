@@ -18,6 +18,10 @@
 # Logs and tables go to $OUT (default ./gpu_out). Each stage has its own time limit, so one
 # that hangs does not take the rest with it.
 set -uo pipefail
+if [ $# -eq 0 ] || [ "$1" = "--help" ] || [ "$1" = "-h" ]; then
+    sed -n '2,/^set /p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'  # the stage list above
+    exit 0
+fi
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
