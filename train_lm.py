@@ -14,6 +14,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported lazily at run time, so that --help is instant
+    from lm.config import Config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "enwik8_lstm_late_phase.yaml"
 SILENT_EXIT_DELAY_S = 2.0
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _what_is_left(cfg) -> str:
+def _what_is_left(cfg: Config | None) -> str:
     """After a Ctrl-C: where the run can go on from."""
     if cfg is None:
         return "nothing was written"
@@ -87,6 +91,7 @@ def _what_is_left(cfg) -> str:
     if checkpoint is None:
         return "no checkpoint was written yet, so run the same command again (without --resume) to start over"
     return f"the last checkpoint ({checkpoint.name}) is intact, continue with --resume"
+
 
 if __name__ == "__main__":
     from lm.accelerator import exit_process

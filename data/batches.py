@@ -49,6 +49,11 @@ def count_scored(n_tokens: int) -> int:
     return max(n_tokens - 1, 0)
 
 
+def count_windows(n_targets: int, context: int, stride: int) -> int:
+    """Sliding windows of `context` tokens, `stride` apart, that score n_targets targets."""
+    return 1 + math.ceil(max(n_targets - context, 0) / stride) if n_targets else 0
+
+
 def _rows_per_rank(batch_size: int, rank: int, world_size: int) -> int:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -240,7 +245,7 @@ def window_eval_batches(data: np.ndarray, batch_size: int, context: int, stride:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     data = _truncate(data, max_tokens)
     n_targets = count_scored(len(data))
-    n_windows = 1 + math.ceil(max(n_targets - context, 0) / stride) if n_targets else 0
+    n_windows = count_windows(n_targets, context, stride)
     return _sliding_windows(data, n_targets, n_windows, batch_size, context, stride,
                             *_eval_rows(batch_size, rank, world_size))
 

@@ -38,13 +38,18 @@ DOWNLOAD_TIMEOUT_S = 60
 _SOURCE_HINT = "download enwik8.zip elsewhere and pass it with --source PATH"
 
 
+class SourceError(DataError):
+    """The download or the local copy cannot be used (unlike the output directory): training
+    words its fix with data.source instead of this command's flags."""
+
+
 def prepare_enwik8(out_dir: str | os.PathLike, url: str = URL, sha256: str = SHA256,
                    source: str | os.PathLike | None = None) -> Path:
     """Prepare DIR/{train,valid,test}.bin + manifest.json from enwik8; no work if already done."""
     out_dir = Path(out_dir)
     sha256 = sha256.lower()
     # The checksum too: a directory prepared from another file on purpose (--sha256) is not enwik8.
-    if prepared_as(out_dir, {"corpus": "enwik8", "zip_sha256": sha256}):
+    if prepared_as(out_dir, {"corpus": "enwik8", "zip_sha256": sha256}, source=source):
         print(f"{out_dir} already holds enwik8; nothing to do")
         return out_dir
     # The download creates out_dir before write_splits does: a failure anywhere removes it again.
@@ -56,7 +61,7 @@ def prepare_enwik8(out_dir: str | os.PathLike, url: str = URL, sha256: str = SHA
             data = _download_and_read(url, out_dir, sha256)
             origin = url
         if sha256 == SHA256 and len(data) != LENGTH:
-            raise DataError(f"enwik8 should be {LENGTH:,} bytes but the file holds {len(data):,}; "
+            raise SourceError(f"enwik8 should be {LENGTH:,} bytes but the file holds {len(data):,}; "
                             f"the copy is damaged: {_SOURCE_HINT}")
         sizes = split_sizes(len(data), DEFAULT_FRACTIONS)
         write_splits(data, out_dir, sizes, {"corpus": "enwik8", "origin": origin, "zip_sha256": sha256})
@@ -66,17 +71,20 @@ def prepare_enwik8(out_dir: str | os.PathLike, url: str = URL, sha256: str = SHA
 
 def _read_local(source: Path, sha256: str) -> bytes:
     if not source.is_file():
-        raise DataError(f"--source {source} does not exist or is not a file; check the path")
+        raise SourceError(f"--source {source} does not exist or is not a file; check the path")
     with open(source, "rb") as f:
         is_zip = f.read(4) in ZIP_MAGICS
     if is_zip:
         _check_sha256(file_sha256(source), sha256, str(source))
-        return read_source(source)
+        try:
+            return read_source(source)
+        except DataError as e:
+            raise SourceError(str(e)) from None
     data = source.read_bytes()
     if sha256 == SHA256:
         actual = hashlib.sha1(data).hexdigest()
         if actual != EXTRACTED_SHA1:
-            raise DataError(f"{source} is not the extracted enwik8 (sha1 {actual}, expected {EXTRACTED_SHA1}); "
+            raise SourceError(f"{source} is not the extracted enwik8 (sha1 {actual}, expected {EXTRACTED_SHA1}); "
                             "pass the original enwik8.zip or an undamaged extracted copy")
     else:
         _check_sha256(hashlib.sha256(data).hexdigest(), sha256, str(source))
@@ -85,7 +93,7 @@ def _read_local(source: Path, sha256: str) -> bytes:
 
 def _check_sha256(actual: str, expected: str, what: str) -> None:
     if actual != expected:
-        raise DataError(f"sha256 mismatch for {what}: expected {expected}, got {actual}; the file is corrupt "
+        raise SourceError(f"sha256 mismatch for {what}: expected {expected}, got {actual}; the file is corrupt "
                         f"or not the expected one: retry, or {_SOURCE_HINT} (or give --sha256 if you meant "
                         "another file)")
 
@@ -102,7 +110,7 @@ def _download_and_read(url: str, out_dir: Path, sha256: str) -> bytes:
         try:
             return read_source(partial, what=f"the download of {url}")
         except DataError as e:
-            raise DataError(f"{e}, or {_SOURCE_HINT}") from None
+            raise SourceError(f"{e}, or {_SOURCE_HINT}") from None
     finally:
         partial.unlink(missing_ok=True)
 
@@ -123,18 +131,18 @@ def _download(url: str, dest: Path) -> str:
                     received += len(block)
                     progress.update(len(block))
     except urllib.error.HTTPError as e:
-        raise DataError(f"download of {url} failed: HTTP {e.code} {e.reason}; retry later, check --url, "
+        raise SourceError(f"download of {url} failed: HTTP {e.code} {e.reason}; retry later, check --url, "
                         f"or {_SOURCE_HINT}") from None
     except urllib.error.URLError as e:
-        raise DataError(f"cannot reach {url} ({e.reason}); check the network and --url, or {_SOURCE_HINT}") from None
+        raise SourceError(f"cannot reach {url} ({e.reason}); check the network and --url, or {_SOURCE_HINT}") from None
     except (socket.timeout, ConnectionError, ssl.SSLError, http.client.HTTPException) as e:
-        raise DataError(f"download of {url} broke off ({e}); retry, or {_SOURCE_HINT}") from None
+        raise SourceError(f"download of {url} broke off ({e}); retry, or {_SOURCE_HINT}") from None
     except ValueError as e:  # malformed URL
-        raise DataError(f"bad --url {url!r} ({e}); give an http(s) URL") from None
+        raise SourceError(f"bad --url {url!r} ({e}); give an http(s) URL") from None
     except OSError as e:  # writing dest: the network's errors are all caught above
         raise DataError(write_problem(dest.parent, e)) from None
     if expected_bytes is not None and received != expected_bytes:
-        raise DataError(f"download of {url} was truncated ({received:,} of {expected_bytes:,} bytes); "
+        raise SourceError(f"download of {url} was truncated ({received:,} of {expected_bytes:,} bytes); "
                         f"retry, or {_SOURCE_HINT}")
     return digest.hexdigest()
 

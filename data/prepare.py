@@ -162,6 +162,9 @@ def write_splits(data: bytes | np.ndarray, out_dir: str | os.PathLike, sizes: tu
             temporaries.append((_write_temporary(out_dir / MANIFEST, manifest_text), out_dir / MANIFEST))
             # An old manifest must not vouch for a half-swapped set of files.
             (out_dir / MANIFEST).unlink(missing_ok=True)
+            # Nor may a tokenizer trained on the old splits, or their token caches, serve the new ones.
+            for derived in (*out_dir.glob("sp*.model"), *out_dir.glob("*.tok")):
+                derived.unlink()
             for temporary, final in temporaries:
                 os.replace(temporary, final)
         except OSError as e:
@@ -239,17 +242,19 @@ def is_prepared(out_dir: str | os.PathLike) -> bool:
     return read_manifest(out_dir) is not None
 
 
-def prepared_as(out_dir: str | os.PathLike, expected_source: dict) -> bool:
+def prepared_as(out_dir: str | os.PathLike, expected_source: dict,
+                source: str | os.PathLike | None = None) -> bool:
     """True if out_dir is prepared from the corpus described by expected_source (every key
     given must match the manifest's source entry); False if it is not prepared at all.
 
     Raises DataError if out_dir holds a different corpus, so one is never silently used
     for, or overwritten by, another; or, not prepared, holds files no data tool wrote, so
-    `--out configs` does not scatter splits among someone else's files.
+    `--out configs` does not scatter splits among someone else's files. The `source` file
+    being prepared may lie in out_dir (data/enwik8/enwik8.zip).
     """
     manifest = read_manifest(out_dir)
     if manifest is None:
-        foreign = _foreign_files(Path(out_dir))
+        foreign = _foreign_files(Path(out_dir), None if source is None else Path(source))
         if foreign:
             listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise DataError(f"{out_dir} holds files that are not prepared data ({listed}); pick a new or "
@@ -263,14 +268,15 @@ def prepared_as(out_dir: str | os.PathLike, expected_source: dict) -> bool:
     return True
 
 
-def _foreign_files(out_dir: Path) -> list[str]:
-    """Names in out_dir that no data tool writes there."""
+def _foreign_files(out_dir: Path, source: Path | None) -> list[str]:
+    """Names in out_dir that no data tool writes there, the source file aside."""
     try:
-        names = sorted(p.name for p in out_dir.iterdir())
+        paths = sorted(out_dir.iterdir())
     except OSError:  # missing, or not a directory: writing there says what is wrong
         return []
     ours = {f"{name}.bin" for name in SPLITS} | {MANIFEST}
-    return [n for n in names if n not in ours and not _OUR_OTHER_FILES.search(n)]
+    return [p.name for p in paths if p.name not in ours and not _OUR_OTHER_FILES.search(p.name)
+            and not (source is not None and source.exists() and p.samefile(source))]
 
 
 def prepare_corpus(source: str | os.PathLike, out_dir: str | os.PathLike,
@@ -278,7 +284,7 @@ def prepare_corpus(source: str | os.PathLike, out_dir: str | os.PathLike,
     """Prepare out_dir from a corpus file; does nothing if out_dir is already prepared from it."""
     source, out_dir = Path(source), Path(out_dir)
     expected = {"corpus": "file", "sha256": file_sha256(source), "fractions": list(fractions)}
-    if prepared_as(out_dir, expected):
+    if prepared_as(out_dir, expected, source=source):
         print(f"{out_dir} is already prepared from {source}; nothing to do")
         return out_dir
     data = read_source(source)

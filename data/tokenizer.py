@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.prepare import SPLITS, DataError, file_sha256, read_manifest
+from data.prepare import SPLITS, DataError, file_sha256
 
 # SentencePiece trains on a sample of train.bin: at most this many bytes, taken as evenly
 # spaced chunks so the whole split is represented. Enough text for a few thousand pieces,
@@ -150,7 +150,7 @@ def load_tokenizer(data_dir: str | os.PathLike, kind: str = "bytes",
 def load_split(data_dir: str | os.PathLike, split: str,
                tokenizer: ByteTokenizer | SentencePieceTokenizer) -> np.ndarray:
     """A split as a read-only np.memmap of token ids: the raw bytes for the byte tokenizer,
-    else `<split>.<tokenizer.name>.<split hash>.tok` in data_dir (encoded once, then cached)."""
+    else `<split>.<tokenizer.name>.tok` in data_dir (encoded once, then cached)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     data_dir = Path(data_dir)
@@ -161,11 +161,8 @@ def load_split(data_dir: str | os.PathLike, split: str,
     if isinstance(tokenizer, ByteTokenizer):
         return _memmap(raw, np.uint8)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    # The split's hash in the name: a directory prepared again from another corpus must not
-    # reuse the old corpus's tokens.
-    manifest = read_manifest(data_dir)
-    content = manifest["splits"][split]["sha256"] if manifest else file_sha256(raw)
-    cached = data_dir / f"{split}.{tokenizer.name}.{content[:12]}.tok"
+    # data.prepare.write_splits removes the caches of the splits it replaces.
+    cached = data_dir / f"{split}.{tokenizer.name}.tok"
     if not cached.is_file():
         _encode_to_file(tokenizer, _memmap(raw, np.uint8), cached, dtype)
     return _memmap(cached, dtype)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, gather_object
 
 from lm.config import ConfigError
@@ -60,29 +60,39 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
 T = TypeVar("T")
 
 
-def raise_everywhere(error: Exception | None) -> None:
+def raise_everywhere(error: Exception | None, shareable: tuple[type[Exception], ...] = ()) -> None:
     """Raise, on every process, the first error any process met (None: this one met none); every
     process must call it. An error only some processes meet (a download on the main process, one
-    process's damaged checkpoint file) would otherwise leave the others to die with a traceback at
-    their next collective, and be lost where the process meeting it is not the one that prints."""
-    errors = [e for e in gather_object([error]) if e is not None]
-    if errors:
-        raise errors[0]
+    process's damaged checkpoint file) would otherwise leave the others waiting at their next
+    collective, and be lost where the process meeting it is not the one that prints.
+
+    The process that met the error raises it itself, with its traceback; the others raise a copy
+    if it is `shareable` (one-line user errors, printed as such by the main process), else a
+    RuntimeError naming it."""
+    shared = None
+    if error is not None:
+        shared = error if isinstance(error, shareable) else RuntimeError(
+            f"process {PartialState().process_index} failed: {type(error).__name__}: {error}")
+    met = [e for e in gather_object([shared]) if e is not None]
+    if error is not None:
+        raise error
+    if met:
+        raise met[0]
 
 
 def main_process_first(accelerator: Accelerator, work: Callable[[], T],
                        errors: tuple[type[Exception], ...]) -> T:
     """work() on the main process, then on the others, which then find what it wrote (prepared
     data, a trained tokenizer) in place. Unlike Accelerate's context manager of that name, an
-    error of the types `errors` reaches every process (raise_everywhere)."""
+    error reaches every process (raise_everywhere; `errors` are the one-line user errors)."""
     result, error = None, None
     for turn_of_main in (True, False):
         if accelerator.is_main_process == turn_of_main:
             try:
                 result = work()
-            except errors as e:
+            except Exception as e:  # every kind: the others must not be left waiting
                 error = e
-        raise_everywhere(error)
+        raise_everywhere(error, errors)
     return result
 
 

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 
 from lm.files import replace_directory
+from lm.models import first_problem
 
 STATE_FILE = "trainer_state.json"
 MAIN_TENSORS_FILE = "trainer.pt"
@@ -100,17 +101,12 @@ def save_checkpoint(
 
 def _damaged(path: Path, detail: str) -> CheckpointError:
     """The error for a checkpoint whose files cannot be read, naming the one to fall back on."""
-    older = [p for p in list_checkpoints(path.parent.parent) if p.name < path.name]
+    found = list_checkpoints(path.parent.parent)
+    older = found[:found.index(path)] if path in found else []
     fix = (f"delete {path} to resume from {older[-1].name}" if older
            else "delete it and start again without --resume, or choose another run.out_dir")
     detail = detail.split(". ")[0]  # torch's torn-archive message goes on for three sentences
     return CheckpointError(f"{path}: damaged ({detail}); {fix}")
-
-
-def _first_line(e: BaseException) -> str:
-    # torch's "Error(s) in loading state_dict for M:" heads a list ("size mismatch for ..."): the first item says most.
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-    return lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
@@ -122,7 +118,7 @@ def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # JSON and UTF-8 decoding errors are ValueErrors
-        raise _damaged(path, f"{STATE_FILE}: {_first_line(e)}") from None
+        raise _damaged(path, f"{STATE_FILE}: {first_problem(e)}") from None
     if not isinstance(state, dict) or not {"step", "num_processes"} <= state.keys():  # what save_checkpoint adds
         raise _damaged(path, f"{STATE_FILE} lacks step or num_processes")
     return state
@@ -137,26 +133,29 @@ def _unreadable(e: BaseException) -> bool:
     return isinstance(e, _UNREADABLE) or "PytorchStreamReader" in str(e)
 
 
+def check_process_count(path: Path, state: dict[str, Any], num_processes: int) -> None:
+    if state["num_processes"] != num_processes:
+        raise CheckpointError(f"{path}: written by {state['num_processes']} process(es), resumed with "
+                              f"{num_processes}; resume with the same number of processes (each owns its data "
+                              f"streams)")
+
+
 def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Restore Accelerate's state from `path` (model, optimisers, RNG) and return
     (state, main_tensors, this process's process_state) for the trainer to apply."""
     path = Path(path)
     state = read_checkpoint_state(path)
-    if state["num_processes"] != accelerator.num_processes:
-        raise CheckpointError(
-            f"{path}: written by {state['num_processes']} process(es), resumed with {accelerator.num_processes}; "
-            f"resume with the same number of processes (each owns its data streams)"
-        )
+    check_process_count(path, state, accelerator.num_processes)
     try:
         accelerator.load_state(str(path))
         main_tensors = torch.load(path / MAIN_TENSORS_FILE, map_location="cpu", weights_only=True)
         process_state = torch.load(path / f"process_{accelerator.process_index}.pt", map_location="cpu",
                                    weights_only=True)
-    except Exception as e:  # loaders raise many types; each is one of the two cases below
+    except Exception as e:  # loaders raise many types: a damaged file, a misfit, or a bug (re-raised)
         if _unreadable(e):
-            raise _damaged(path, _first_line(e)) from e
+            raise _damaged(path, first_problem(e)) from e
         if isinstance(e, (RuntimeError, KeyError, ValueError)):
-            raise CheckpointError(f"{path}: does not fit this model and optimiser ({_first_line(e)}); resume with "
+            raise CheckpointError(f"{path}: does not fit this model and optimiser ({first_problem(e)}); resume with "
                                   f"the config it was written with (in its {STATE_FILE}) or start a new "
                                   f"run.out_dir") from e
         raise

@@ -10,6 +10,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,10 +186,13 @@ def _mapping_without_duplicates(loader: _Yaml12Loader, node: yaml.MappingNode, d
     # A key written twice would silently keep its last value: the first is then dead config.
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` brings keys this mapping may override
+            continue
         key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
+        if isinstance(key, Hashable) and key in seen:  # construct_mapping reports unhashable keys
             raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
-        seen.add(key)
+        if isinstance(key, Hashable):
+            seen.add(key)
     return loader.construct_mapping(node, deep=deep)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import shlex
 import sys
 from dataclasses import asdict, dataclass
@@ -27,14 +27,14 @@ from safetensors.torch import load_model
 from torch import nn
 from tqdm.auto import tqdm
 
-from data.batches import EvalBatch, count_scored, stream_eval_batches, window_eval_batches
+from data.batches import EvalBatch, count_scored, count_windows, stream_eval_batches, window_eval_batches
 from data.prepare import DataError
 from data.tokenizer import bits_per_byte, load_split, load_tokenizer
 from kernels.cli import positive_int
 from lm.accelerator import exit_process, main_process_first, make_accelerator, use_tf32
 from lm.config import Config, ConfigError, config_from_dict, load_config
 from lm.late_phase import ensemble_log_probs, num_members
-from lm.models import ExportError, build_model, load_exported
+from lm.models import ExportError, build_model, first_problem, load_exported
 
 
 @dataclass(frozen=True)
@@ -71,9 +71,7 @@ def eval_batch_size(family: str, n_tokens: int, batch_size: int, *, context: int
     if family == "lstm":
         return max(1, min(batch_size, n_targets // min_stream_tokens))
     if family == "transformer" and context is not None and stride is not None and stride >= 1:
-        # The window count of data.batches.window_eval_batches.
-        n_windows = 1 + math.ceil(max(n_targets - context, 0) / stride) if n_targets else 0
-        return max(1, min(batch_size, n_windows))
+        return max(1, min(batch_size, count_windows(n_targets, context, stride)))
     return batch_size  # _eval_batches reports what is missing
 
 
@@ -277,15 +275,10 @@ def _load_model(source: ModelSource, kind: str) -> nn.Module:
         raise EvalError(f"cannot load the {kind} model from {source.members} ({reason}): the file is damaged; "
                         "restore it from a copy or re-run training") from None
     except RuntimeError as e:
-        # torch's message is a header ("Error(s) in loading state_dict for LSTMLM:"), then a line per
-        # problem ("size mismatch for ...", "Missing key(s) ..."): the first problem says what differs.
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        detail = (lines[1] if len(lines) > 1 else lines[0]).rstrip(".")
-        if len(detail) > 200:  # a "Missing key(s)" line lists every key
-            detail = detail[:200] + "..."
         config = source.members.parent.parent / "config.yaml"  # RUN/final/members.safetensors -> RUN/config.yaml
         raise EvalError(f"cannot load the {kind} model from {source.members}: it does not match {config} "
-                        f"({detail}); restore the run's own final/ and config.yaml, or re-run training") from None
+                        f"({first_problem(e)}); restore the run's own final/ and config.yaml, or re-run "
+                        f"training") from None
     return model
 
 
@@ -362,7 +355,7 @@ def evaluate_run(
         return tokenizer, load_split(data_path, split, tokenizer)
 
     tokenizer, data = (load_data() if accelerator is None else
-                       main_process_first(accelerator, load_data, (DataError, ConfigError, EvalError)))
+                       main_process_first(accelerator, load_data, (DataError, ConfigError)))
     batch_name = "eval.batch_size" if batch_size is None else "--batch-size"
     batch_size = cfg.eval.batch_size if batch_size is None else batch_size
     max_tokens = token_limit(data, tokenizer.byte_lengths, max_bytes)
@@ -457,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # e.g. while a multi-process launch waits for its other processes
-        print("error: interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # no Accelerator yet to say which process speaks
+            print("error: interrupted", file=sys.stderr)
         return 130
     try:
         kinds = None if args.models is None else [k.strip() for k in args.models.split(",") if k.strip()]

@@ -47,11 +47,13 @@ def writable_directory_problem(path: Path) -> str | None:
     """Why a file cannot be written in directory `path` (created if missing), in words, or None
     if it can. Tried for real, since permissions alone miss read-only mounts; leaves nothing
     behind: directories this made are removed again."""
-    missing = [d for d in (path, *path.parents) if not d.exists()]
-    existing = next(d for d in (path, *path.parents) if d.exists())
-    if not existing.is_dir():
-        return f"{existing} is a file, not a directory"
+    missing: list[Path] = []
     try:
+        # os.path.exists, unlike Path.exists, is False (not an error) under an unsearchable directory.
+        missing = [d for d in (path, *path.parents) if not os.path.exists(d)]
+        existing = next(d for d in (path, *path.parents) if os.path.exists(d))
+        if not existing.is_dir():
+            return f"{existing} is a file, not a directory"
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
         probe.touch()

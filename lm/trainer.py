@@ -29,12 +29,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data.batches import StreamBatches, WindowBatches
-from data.enwik8 import prepare_enwik8
+from data.enwik8 import SourceError, prepare_enwik8
 from data.prepare import DataError, is_prepared, prepare_corpus
 from data.synthetic import prepare_synthetic
 from data.tokenizer import bits_per_byte, load_split, load_tokenizer
 from lm.checkpoint import (
     CheckpointError,
+    check_process_count,
     latest_checkpoint,
     load_checkpoint,
     read_checkpoint_state,
@@ -80,7 +81,7 @@ def prepare_data(cfg: Config) -> Path:
     if corpus == "enwik8":
         try:
             return prepare_enwik8(data_dir, source=source)
-        except DataError as e:
+        except SourceError as e:
             # data.enwik8's messages end in a fix naming its CLI's flags; here the fix is a config key.
             cause = str(e).split(";")[0]
             if source is not None:
@@ -152,7 +153,8 @@ class Trainer:
         # One process tries the directory: several making and removing it at once would race.
         problem = writable_directory_problem(self.out_dir) if accelerator.is_main_process else None
         raise_everywhere(None if problem is None else
-                         TrainingError(f"cannot write run.out_dir={self.out_dir} ({problem}); give another run.out_dir"))
+                         TrainingError(f"cannot write run.out_dir={self.out_dir} ({problem}); give another run.out_dir"),
+                         (TrainingError,))
         if resume:
             checkpoint = latest_checkpoint(self.out_dir)
             if checkpoint is None:
@@ -452,10 +454,7 @@ class Trainer:
     def _check_resumable(self, path: Path, state: dict[str, Any]) -> None:
         """Refuse (one line) a config that changes what the checkpoint's weights, optimiser state and
         data position mean, or moves T0 or swa.start across its step; note any other change."""
-        if state["num_processes"] != self.accelerator.num_processes:  # load_checkpoint checks it too, later
-            raise CheckpointError(f"{path}: written by {state['num_processes']} process(es), resumed with "
-                                  f"{self.accelerator.num_processes}; resume with the same number of processes "
-                                  f"(each owns its data streams)")
+        check_process_count(path, state, self.accelerator.num_processes)
         saved, current = state["config"], config_to_dict(self.cfg)
         saved["model"]["vocab_size"] = current["model"]["vocab_size"]  # set by the tokenizer, which the data fixes
         fixed = [*_FIXED_ON_RESUME, *(f"model.{k}" for k in current["model"] if k not in _MODEL_HOW)]
@@ -496,9 +495,9 @@ class Trainer:
         state = main_tensors = process_state = error = None
         try:  # each process reads its own files, and only one of them may be damaged
             state, main_tensors, process_state = load_checkpoint(self.accelerator, path)
-        except CheckpointError as e:
+        except Exception as e:  # every kind: the other processes must not be left waiting
             error = e
-        raise_everywhere(error)
+        raise_everywhere(error, (CheckpointError,))
         for opt, groups in zip(self.optimizers, settings):
             for group, setting in zip(opt.param_groups, groups):
                 group.update(setting)

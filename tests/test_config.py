@@ -135,6 +135,13 @@ def test_a_key_written_twice_is_refused(tmp_path):
     path.write_text("train:\n  lr: 0.1\nswa:\n  lr: 0.2\n")  # the same name in two sections is fine
     with pytest.raises(ConfigError, match="^swa.lr: unknown key"):
         load_config(path)
+    # A merge key brings keys the mapping may override; an unhashable key is still just bad YAML.
+    path.write_text("train: {<<: {lr: 0.1, max_steps: 7}, lr: 0.2}\n")
+    cfg = load_config(path)
+    assert (cfg.train.lr, cfg.train.max_steps) == (0.2, 7)
+    path.write_text("train:\n  ? [a, b]\n  : 1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
 
 
 def test_yaml_12_booleans_keep_no_a_string(tmp_path):

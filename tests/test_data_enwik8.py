@@ -187,6 +187,13 @@ def test_local_source_zip_and_extracted(tmp_path, corpus):
     with pytest.raises(DataError, match="not the extracted enwik8"):
         prepare_enwik8(tmp_path / "c", source=tmp_path / "enwik8")
     assert not (tmp_path / "c").exists()
+    # The copy may lie in the output directory itself (offline: data/enwik8/enwik8.zip), though
+    # that directory refuses other files.
+    inside = tmp_path / "d" / "enwik8.zip"
+    inside.parent.mkdir()
+    inside.write_bytes(archive)
+    prepare_enwik8(inside.parent, source=inside, sha256=hashlib.sha256(archive).hexdigest())
+    assert (inside.parent / "train.bin").read_bytes() == (tmp_path / "a" / "train.bin").read_bytes()
 
 
 def test_cli_error_exit_code(server, tmp_path, capsys):

@@ -402,10 +402,10 @@ def test_missing_data_and_checkpoint_problems_are_one_line_errors(capsys, tmp_pa
     code, err = run_cli(capsys, "--config", str(SMOKE), *tiny_args(out, tmp_path / "empty"), "data.corpus=prepared")
     assert code == 2 and "data.prepare" in err and err.count("\n") == 1 and not out.exists()
 
-    from data.prepare import DataError
+    from data.enwik8 import SourceError
 
     def unreachable(out_dir, source=None):
-        raise DataError("cannot reach http://mattmahoney.net/dc/enwik8.zip (no network)")
+        raise SourceError("cannot reach http://mattmahoney.net/dc/enwik8.zip (no network)")
 
     monkeypatch.setattr("lm.trainer.prepare_enwik8", unreachable)
     code, err = run_cli(capsys, f"run.out_dir={out}", f"data.dir={tmp_path / 'enwik8'}")
@@ -416,6 +416,13 @@ def test_missing_data_and_checkpoint_problems_are_one_line_errors(capsys, tmp_pa
 
     import zipfile
     monkeypatch.undo()  # the real data.enwik8 from here on
+    notes = tmp_path / "not_data"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    code, err = run_cli(capsys, f"run.out_dir={out}", f"data.dir={notes}")  # not a download problem
+    assert code == 2 and err == (f"error: {notes} holds files that are not prepared data (notes.txt); pick a new "
+                                 f"or empty directory (--out, or data.dir when training)\n"), err
+
     with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:  # a zip, but not enwik8's
         archive.writestr("enwik8", b"not the real thing\n" * 100)
     code, err = run_cli(capsys, f"run.out_dir={out}", f"data.dir={tmp_path / 'enwik8'}", f"data.source={tmp_path / 'other.zip'}")
@@ -512,7 +519,7 @@ def test_ctrl_c_says_whether_there_is_a_checkpoint_to_resume(capsys, tmp_path, d
                        "(without --resume) to start over\n")
 
 
-def test_the_final_evaluation_shows_a_bar_per_split_and_model_kind(tmp_path, data_dir, reference_run, monkeypatch):
+def test_the_final_evaluation_labels_a_bar_per_split_and_model_kind(tmp_path, data_dir, reference_run, monkeypatch):
     out = tmp_path / "finished"
     shutil.copytree(reference_run, out)
     labels = []

@@ -103,6 +103,15 @@ class ExportError(ValueError):
     """An exported model directory that cannot be loaded."""
 
 
+def first_problem(error: BaseException, limit: int = 200) -> str:
+    """The line of a loader's error that says most. torch's load_state_dict heads its list of
+    problems ("size mismatch for ...", "Missing key(s) ...") with "Error(s) in loading state_dict
+    for M:"; a "Missing key(s)" line lists every key, so it is cut at `limit` characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    line = (lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]).rstrip(".")
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
 def load_exported(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a plain model from `config.json` + `model.safetensors` (written by `export`)."""
     model_dir = Path(model_dir)
@@ -122,6 +131,5 @@ def load_exported(model_dir: str | os.PathLike, device: str | torch.device = "cp
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
-        first = str(err).splitlines()[1:2] or [str(err)]
-        raise ExportError(f"{weights_path} does not match {config_path}: {first[0].strip()}") from None
+        raise ExportError(f"{weights_path} does not match {config_path}: {first_problem(err)}") from None
     return model.to(device)
