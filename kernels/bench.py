@@ -297,7 +297,7 @@ def output_paths(prefix: str) -> list[str]:
     return [f"{prefix}.{ext}" for ext in ("json", "csv")]
 
 
-def write_outputs(results: list[Row], prefix: str) -> list[str]:
+def write_outputs(results: list[Row], prefix: str) -> None:
     """Atomically write PREFIX.json and PREFIX.csv, creating PREFIX's directory; OutputError if the
     system refuses (main() checked the paths up front, but a disk can fill up during a long run)."""
     records = [{("pass" if k == "pass_" else k): v for k, v in asdict(r).items()} for r in results]
@@ -322,7 +322,6 @@ def write_outputs(results: list[Row], prefix: str) -> list[str]:
         for tmp in tmps:
             if os.path.exists(tmp):  # the write failed: leave no partial file
                 os.unlink(tmp)
-    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,7 +404,7 @@ def _run(args: argparse.Namespace, results: list[Row]) -> int:
     print(format_table(results))
     for line in summary(results):
         print(line)
-    print(f"wrote {args.out}.json, {args.out}.csv")
+    print(f"wrote {', '.join(output_paths(args.out))}")
     return 0
 
 
