@@ -331,6 +331,10 @@ def evaluate_run(
         raise EvalError(f"--max-bytes {max_bytes}: need at least 2 bytes (the first byte is never scored)")
 
     cfg = source.cfg
+    flags = [name for name, value in (("--context", context), ("--stride", stride)) if value is not None]
+    if cfg.model.family == "lstm" and flags:
+        raise EvalError(f"{'/'.join(flags)}: an LSTM is scored as stateful streams, not windows; "
+                        f"drop {' and '.join(flags)} (they set Transformer windows)")
     # Errors name each window setting as the user gave it: a flag, or the run's config.
     context_name = "eval.context" if context is None else "--context"
     stride_name = "eval.stride" if stride is None else "--stride"

@@ -82,6 +82,8 @@ def test_int_and_fraction_steps_stay_distinct():
         (["train.mixed_precision=fp16", "late_phase.mode=rank1"], "train.mixed_precision"),
         (["train.max_steps"], "train.max_steps"),
         (["data.corpus=synthetic", "data.source=corpus.txt"], "data.source"),  # it would be ignored
+        (["model.dropout=0.1"], "model.dropout"),  # the LSTM (the default family) would ignore these two
+        (["model.layernorm_factors=true"], "model.layernorm_factors"),
     ],
 )
 def test_bad_values_raise_one_line_naming_the_key(overrides, key):

@@ -625,6 +625,14 @@ def test_cli_window_errors_name_the_flags_the_user_passed(tmp_path, capsys, flag
     assert "pass --stride" in err and "change eval.stride" not in err
 
 
+@pytest.mark.parametrize("flags", [["--context", "64"], ["--stride", "8", "--context", "16"]])
+def test_cli_refuses_window_flags_for_an_lstm_run(run_dir, capsys, flags):
+    code, out, err = run_cli(["--run", str(run_dir[0]), *flags], capsys)
+    named = "/".join(flag for flag in ("--context", "--stride") if flag in flags)
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: {named}: an LSTM is scored as stateful streams") and err.count("\n") == 1
+
+
 def test_cli_unfinished_run_says_how_to_finish_it(run_dir, tmp_path, capsys):
     run = tmp_path / "unfinished run"
     (run / "checkpoints" / "step_0000040").mkdir(parents=True)
