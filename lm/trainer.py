@@ -41,7 +41,7 @@ from lm.checkpoint import (
     read_checkpoint_state,
     save_checkpoint,
 )
-from lm.config import Config, ConfigError, config_to_dict, resolve_step, validate
+from lm.config import Config, ConfigError, LatePhaseConfig, config_to_dict, resolve_step, validate
 from lm.accelerator import main_process_first, make_accelerator, raise_everywhere, use_tf32
 from lm.evaluate import evaluate_bpc, token_limit
 from lm.files import replace_directory, writable_directory_problem, write_text_atomically
@@ -51,6 +51,7 @@ from lm.late_phase import (
     average_members,
     build_optimizers,
     is_plain,
+    late_phase_parameters,
     num_members,
     spawn_members,
 )
@@ -100,6 +101,36 @@ def prepare_data(cfg: Config) -> Path:
             f"--source FILE --out {data_dir}, or give data.source=FILE"
         )
     return data_dir
+
+
+def describe_run(cfg: Config, model: nn.Module, data_dir: Path, train_tokens: int,
+                 accelerator: Accelerator) -> list[str]:
+    """What the config resolved to, in two lines printed before training, so that a setting
+    that does not do what was meant shows before hours of training rather than after."""
+    m, lp, t = cfg.model, cfg.late_phase, cfg.train
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # no memory, no draws from the seed
+        final = sum(p.numel() for p in build_model(m, LatePhaseConfig(mode="plain")).parameters())
+    shape = (f"{m.num_layers} x {m.hidden_size} LSTM, embedding {m.embed_dim}" if m.family == "lstm"
+             else f"{m.n_layers}-layer Transformer, d_model {m.d_model}, {m.n_heads} heads")
+    model_line = f"model: {shape}: {final:,} parameters"
+    if not is_plain(model):
+        K = num_members(model)
+        factors = sum(p.numel() for p in late_phase_parameters(model)) // K
+        if lp.mode == "rank1":
+            model_line += f", trained with {factors:,} rank-1 factor parameters"
+        else:
+            T0 = resolve_step(lp.T0, t.max_steps, "late_phase.T0")
+            model_line += (f"; from step {T0:,}, K={K} late-phase members of {factors:,} factor parameters each "
+                           f"({lp.schedule} schedule), averaged at the end")
+    train_bytes = (data_dir / "train.bin").stat().st_size
+    tokens = (f"{train_bytes:,} training bytes" if cfg.data.tokenizer == "bytes"
+              else f"{train_tokens:,} training tokens ({train_bytes:,} bytes)")
+    epochs = t.max_steps * t.batch_size * t.seq_len / train_tokens
+    processes = f"{accelerator.num_processes} process" + ("es" if accelerator.num_processes > 1 else "")
+    data_line = (f"data: {tokens} in {data_dir}; {t.max_steps:,} steps of {t.batch_size} x {t.seq_len} tokens "
+                 f"({epochs:.3g} epochs) on {processes} ({accelerator.device.type}), "
+                 f"mixed precision {accelerator.mixed_precision}")
+    return [model_line, data_line]
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -174,9 +205,9 @@ class Trainer:
         def load_data():
             data_dir = prepare_data(cfg)
             tokenizer = load_tokenizer(data_dir, cfg.data.tokenizer, cfg.data.sp_vocab_size)
-            return tokenizer, {name: load_split(data_dir, name, tokenizer) for name in ("train", "valid", "test")}
+            return data_dir, tokenizer, {name: load_split(data_dir, name, tokenizer) for name in ("train", "valid", "test")}
 
-        tokenizer, self.splits = main_process_first(accelerator, load_data, (DataError, ConfigError))
+        data_dir, tokenizer, self.splits = main_process_first(accelerator, load_data, (DataError, ConfigError))
         self.byte_lengths = np.asarray(tokenizer.byte_lengths)
         cfg.model.vocab_size = tokenizer.vocab_size
         if cfg.model.family == "lstm":  # stateful: contiguous streams, hidden state carried across windows
@@ -201,6 +232,7 @@ class Trainer:
             clip, sigma0=cfg.late_phase.sigma0, seed=t.seed,
         )
         set_seed(t.seed, device_specific=True)  # dropout differs between processes (they see different rows)
+        self.description = describe_run(cfg, model, data_dir, len(self.splits["train"]), accelerator)
 
         self.swa = WeightAverage() if cfg.swa.enabled else None
         self.swa_start = resolve_step(cfg.swa.start, t.max_steps, "swa.start") if cfg.swa.enabled else None
@@ -262,6 +294,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to train.max_steps with logging, validation, SWA and checkpoints; export and test at the end."""
         t, every = self.cfg.train, self.cfg.checkpoint.every
+        if self.is_main:
+            print("\n".join(self.description), flush=True)
         self.window["since"] = time.perf_counter()  # set-up and checkpoint loading are not training
         # The bar is closed on any exit, so an error message starts on a line of its own.
         with tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step",

@@ -111,8 +111,8 @@ def test_run_writes_config_metrics_checkpoints_final_and_results(reference_run, 
     assert (out / "final" / "members.safetensors").is_file()
 
 
-def _resume_from(reference_run: Path, tmp_path: Path, data_dir: Path, step: int) -> Path:
-    """A copy of the reference run that stopped at `step`, resumed to the end."""
+def _resume_from(reference_run: Path, tmp_path: Path, data_dir: Path, step: int, *extra: str) -> Path:
+    """A copy of `reference_run` (made with the overrides `extra`) that stopped at `step`, resumed to the end."""
     out = tmp_path / f"resumed_from_{step}"
     shutil.copytree(reference_run, out)
     for path in list_checkpoints(out):
@@ -121,7 +121,7 @@ def _resume_from(reference_run: Path, tmp_path: Path, data_dir: Path, step: int)
     shutil.rmtree(out / "final")
     (out / "results.json").unlink()
     torch.manual_seed(1234)  # the resumed run must not depend on the RNG state it starts with
-    Trainer(tiny_config(out, data_dir), resume=True).fit()
+    Trainer(tiny_config(out, data_dir, *extra), resume=True).fit()
     return out
 
 
@@ -141,6 +141,24 @@ def test_resume_is_bitwise_identical(reference_run, tmp_path, data_dir, step):
     assert_same_run(reference_run, resumed)
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [4, 6, 8, 12]  # lines past the checkpoint were dropped and written again
+
+
+TINY_TRANSFORMER = ("model.family=transformer", "model.d_model=16", "model.n_layers=2", "model.n_heads=2",
+                    "model.max_seq_len=16", "eval.context=16", "eval.stride=8")
+
+
+@pytest.mark.parametrize("extra", [
+    # (folded: the Triton kernels' interpreter would take a minute)
+    (*TINY_TRANSFORMER, "model.dropout=0.1", "late_phase.schedule=parallel", "late_phase.K=2", "train.grad_accum=2",
+     "model.linear_members=folded"),
+    ("model.num_layers=2", "late_phase.schedule=parallel", "train.batch_size=6"),
+], ids=["transformer_parallel_dropout_accumulating", "lstm_parallel_two_layers"])
+def test_resume_in_parallel_is_bitwise_identical(tmp_path, data_dir, extra):
+    # Resumed at step 8, past T0; the Transformer's dropout masks after it come from the restored RNG states.
+    reference = tmp_path / "reference"
+    assert train_lm.main(["--config", str(SMOKE), *tiny_args(reference, data_dir, *extra)]) == 0
+    reset_accelerate()
+    assert_same_run(reference, _resume_from(reference, tmp_path, data_dir, 8, *extra))
 
 
 CRASHING_RUN = """
@@ -599,6 +617,22 @@ def test_periodic_validation_is_printed_as_logged(capsys, tmp_path, data_dir):
         if "valid_bpc" in record:
             kinds = ", ".join(f"{kind} {bpc:.4f}" for kind, bpc in record["valid_bpc"].items())
             assert f"step {record['step']}: valid bpc ({record['valid_bytes']:,} bytes) {kinds}\n" in printed
+
+
+@pytest.mark.parametrize("mode", ["late_phase", "rank1"])
+def test_the_run_is_described_before_training(capsys, tmp_path, data_dir, mode):
+    out = tmp_path / "run"
+    Trainer(tiny_config(out, data_dir, f"late_phase.mode={mode}", "train.max_steps=8", "swa.enabled=false")).fit()
+    # By hand: embedding 256 x 8; LSTM 4·16 x (8 + 16) weights and two 4·16 biases; decoder 16 x 256 + 256.
+    # Per member: r and s of both matrices (64 + 8, 64 + 16) and both member biases (64 + 64).
+    late = ("; from step 6, K=3 late-phase members of 280 factor parameters each (sequential schedule), averaged "
+            "at the end" if mode == "late_phase" else ", trained with 280 rank-1 factor parameters")
+    # 36,000 training bytes (90% of 40,000); 8 steps x 4 x 16 tokens are 0.0142 of an epoch.
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        f"model: 1 x 16 LSTM, embedding 8: {2048 + 1536 + 128 + 4352:,} parameters" + late,
+        f"data: 36,000 training bytes in {data_dir}; 8 steps of 4 x 16 tokens (0.0142 epochs) on 1 process (cpu), "
+        "mixed precision no",
+    ]
 
 
 class FakeClock:
