@@ -146,6 +146,8 @@ def evaluate_bpc(
                 totals[1] += batch_bytes
                 totals[2] += n_scored
                 if not bar.disable:
+                    # The total is an even share of the split; this process's share may be a little larger.
+                    bar.total = max(bar.total, bar.n + int(batch_bytes))
                     bar.update(int(batch_bytes))
     finally:
         model.train(was_training)

@@ -676,3 +676,31 @@ def test_progress_bar_counts_bytes_and_stays_off_outside_a_terminal(monkeypatch)
             assert f"{n_bytes}/{n_bytes} [" in stream.getvalue() and "B/s]" in stream.getvalue()
         else:
             assert stream.getvalue() == ""  # a log or pipe gets no redraws and no erased lines
+
+
+def test_progress_bar_of_a_larger_share_never_passes_its_total(monkeypatch):
+    import io
+    import re
+    from functools import partial
+    from types import SimpleNamespace
+
+    from tqdm import tqdm
+
+    import lm.evaluate
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    # Process 0 of 2: the bar's total is half the split, and this process scores more than half.
+    first_of_two = SimpleNamespace(process_index=0, num_processes=2, unwrap_model=lambda model: model,
+                                   gather_for_metrics=lambda totals: totals)  # its own totals only
+    data = np.random.default_rng().integers(0, 50, size=101).astype(np.uint16)
+    stream = Terminal()
+    monkeypatch.setattr(lm.evaluate, "tqdm", partial(tqdm, file=stream, mininterval=0, miniters=1))
+    share = evaluate_bpc(TinyLSTM(50), data, family="lstm", batch_size=3, seq_len=8, accelerator=first_of_two,
+                         progress="averaged", min_stream_tokens=1).n_bytes
+    assert share > 100 // 2
+    # (unit_scale writes counts under 100 with one decimal, e.g. 16.0/50.0)
+    counts = [(float(n), float(total)) for n, total in re.findall(r"([\d.]+)/([\d.]+) \[", stream.getvalue())]
+    assert counts[-1] == (share, share) and all(n <= total for n, total in counts)
