@@ -10,21 +10,20 @@ downloading and splitting enwik8 first when data.dir does not hold it yet.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from lm.cli import ArgumentParser, exit_process, leave_silently, speaks
 
 if TYPE_CHECKING:  # imported lazily at run time, so that --help is instant
     from lm.config import Config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "enwik8_lstm_late_phase.yaml"
-SILENT_EXIT_DELAY_S = 2.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="train_lm.py",
         description="Train a byte-level LSTM or Transformer LM (plain, rank-1 or late-phase weights) and write "
         "run.out_dir: config.yaml, metrics.jsonl, checkpoints/, final/ and results.json (valid and test bpc).",
@@ -47,8 +46,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Under torchrun / accelerate launch every process gets here; one of them speaks.
-    speaks = os.environ.get("RANK", "0") == "0"
     cfg = None
     try:
         # Imported after argument parsing so that --help is instant (and inside the try: a
@@ -62,18 +59,16 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
             results = Trainer(cfg, resume=args.resume).fit()
         except (ConfigError, DataError, CheckpointError, TrainingError) as e:
-            if speaks:
+            # Every process has the error (lm.accelerator.raise_everywhere); one prints it.
+            if speaks():
                 print(f"error: {e}", file=sys.stderr)
-            else:
-                # Every process has the error (lm.accelerator.raise_everywhere), but a launcher stops
-                # the others once one exits: the silent ones leave last, after the line is out.
-                time.sleep(SILENT_EXIT_DELAY_S)
+            leave_silently()
             return 2
     except KeyboardInterrupt:
-        if speaks:
+        if speaks():
             print(f"error: interrupted; {_what_is_left(cfg)}", file=sys.stderr)
         return 130
-    if speaks:
+    if speaks():
         for split in ("valid", "test"):
             summary = ", ".join(f"{kind} {bpc:.4f}" for kind, bpc in results[split].items())
             print(f"{split} bpc ({results['n_bytes'][split]:,} bytes): {summary}")
@@ -94,6 +89,4 @@ def _what_is_left(cfg: Config | None) -> str:
 
 
 if __name__ == "__main__":
-    from lm.accelerator import exit_process
-
     exit_process(main())

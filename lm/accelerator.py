@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
-from typing import NoReturn, TypeVar
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -94,19 +93,3 @@ def main_process_first(accelerator: Accelerator, work: Callable[[], T],
                 error = e
         raise_everywhere(error, errors)
     return result
-
-
-def exit_process(code: int) -> NoReturn:
-    """Exit a command-line entry point with `code`.
-
-    In a multi-process run (torchrun, accelerate launch) the interpreter's own finalisation is
-    skipped, after flushing: there, native teardown after a finished gloo run aborted some
-    workers ("terminate called without an active exception"; 2 of 15 and 9 of 40 runs of
-    `torchrun --nproc_per_node 2 -m lm.evaluate`, 0 of 40 with this exit), turning a run whose
-    results were complete and written into a failed command.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)

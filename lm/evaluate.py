@@ -10,9 +10,7 @@ bytes / ln 2).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shlex
 import sys
 from dataclasses import asdict, dataclass
@@ -31,7 +29,8 @@ from data.batches import EvalBatch, count_scored, count_windows, stream_eval_bat
 from data.prepare import DataError
 from data.tokenizer import bits_per_byte, load_split, load_tokenizer
 from kernels.cli import positive_int
-from lm.accelerator import exit_process, main_process_first, make_accelerator, use_tf32
+from lm.accelerator import main_process_first, make_accelerator, use_tf32
+from lm.cli import ArgumentParser, exit_process, leave_silently, speaks
 from lm.config import Config, ConfigError, config_from_dict, load_config
 from lm.late_phase import ensemble_log_probs, num_members
 from lm.models import ExportError, build_model, first_problem, load_exported
@@ -419,7 +418,7 @@ def coverage_line(split: str, n_bytes: int, split_bytes: int, max_bytes_given: b
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m lm.evaluate",
         description="Bits per character of a trained run's models over a whole split (every byte scored once, "
         "except the first, which has no context).",
@@ -453,10 +452,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         accelerator = make_accelerator()
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if speaks():
+            print(f"error: {e}", file=sys.stderr)
+        leave_silently()
         return 2
     except KeyboardInterrupt:  # e.g. while a multi-process launch waits for its other processes
-        if os.environ.get("RANK", "0") == "0":  # no Accelerator yet to say which process speaks
+        if speaks():
             print("error: interrupted", file=sys.stderr)
         return 130
     try:
@@ -474,8 +475,9 @@ def main(argv: list[str] | None = None) -> int:
             progress=True,
         )
     except (EvalError, ConfigError, DataError) as e:
-        if accelerator.is_main_process:
+        if speaks():
             print(f"error: {e}", file=sys.stderr)
+        leave_silently()
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, as train_lm.py says it, and the shell's code for SIGINT
         if accelerator.is_main_process:

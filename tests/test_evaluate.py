@@ -325,7 +325,7 @@ DISTRIBUTED_SCRIPT = """
 import json, sys
 import numpy as np, torch
 from accelerate import Accelerator
-from lm.accelerator import exit_process
+from lm.cli import exit_process
 from lm.evaluate import evaluate_bpc
 from tests.test_evaluate import TinyCausal, TinyLSTM, distributed_cases
 
