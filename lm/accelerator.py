@@ -47,11 +47,12 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
     """
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     mixed_precision = launched if launched != "no" else mixed_precision
-    # Accelerate treats a torchrun launch without GPUs as one process each unless told it is a CPU
-    # run; cpu=True then gives MULTI_CPU over gloo (accelerate launch --cpu sets the same flag).
-    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # Without CUDA the run is a CPU run, said explicitly: Accelerate would otherwise pick Apple's MPS
+    # (or another accelerator) that this stack is not built or tested for (float64 bpc totals, CUDA
+    # kernels), and it treats a torchrun launch without GPUs as one process each unless told it is a
+    # CPU run (cpu=True then gives MULTI_CPU over gloo; accelerate launch --cpu sets the same flag).
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
-                              cpu=multi_cpu, log_with=trackers or None, project_dir=project_dir)
+                              cpu=not torch.cuda.is_available(), log_with=trackers or None, project_dir=project_dir)
     check_distributed_type(accelerator.distributed_type)
     return accelerator
 
