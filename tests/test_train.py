@@ -799,6 +799,16 @@ def test_sharded_setups_are_refused_with_one_line(distributed_type):
         check_distributed_type(DistributedType[fine])
 
 
+def test_without_cuda_the_run_is_on_the_cpu_even_where_accelerate_would_pick_mps(monkeypatch):
+    import accelerate.state
+
+    from lm.accelerator import make_accelerator
+
+    monkeypatch.setattr(accelerate.state, "is_mps_available", lambda *args, **kwargs: True)  # an Apple-silicon Mac
+    monkeypatch.delenv("PYTORCH_ENABLE_MPS_FALLBACK", raising=False)  # Accelerate sets it when it picks MPS
+    assert make_accelerator().device == torch.device("cpu")
+
+
 @pytest.mark.parametrize("tf32", [False, True])
 def test_train_tf32_sets_torch_matmul_precision(tf32, tmp_path, data_dir):
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
