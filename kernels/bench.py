@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from kernels.cli import OutputError, cannot_write, check_writable, positive_int
+from kernels.optional_triton import TRITON_INSTALLED
 from kernels.rank1 import interpreting, rank1_linear, rank1_linear_eager, rank1_linear_folded, tf32_matmuls
 
 # (name, d_in, d_out): the paper's LSTM gate matrices (4H x d_in with H = 500) and the
@@ -372,6 +373,10 @@ def _run(args: argparse.Namespace, results: list[Row]) -> int:
     for path in output_paths(args.out):  # before the correctness checks and the timing, not after
         check_writable(path, "--out", make_parent=True)
     cuda = torch.cuda.is_available()
+    if cuda and not TRITON_INSTALLED:
+        print("error: Triton is not installed, so there is no fused kernel to time (Triton ships for Linux: "
+              "pip install triton)", file=sys.stderr)
+        return 2
     if cuda:
         import triton
 
@@ -379,6 +384,9 @@ def _run(args: argparse.Namespace, results: list[Row]) -> int:
         errors = {name: correctness_check(CUDA_DEVICE, DTYPES[name]) for name in args.dtype}
         print("correctness: fused vs float64 reference, max relative error "
               + ", ".join(f"{name} {error:.2e}" for name, error in errors.items()))
+    elif not TRITON_INSTALLED:
+        print("No CUDA device and no Triton: timing only the eager reference and the folded form on the CPU.")
+        errors = {}
     else:
         print("No CUDA device: timing only the eager reference and the folded form on the CPU; the fused kernel "
               "is checked for correctness in Triton's interpreter.")

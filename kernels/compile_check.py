@@ -24,6 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 from kernels.cli import OutputError, cannot_write, check_writable, positive_int
+from kernels.optional_triton import TRITON_INSTALLED
 
 # Shared memory per block (opt-in maximum) of each architecture, in bytes.
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
@@ -181,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="parallel compiler processes (default: the CPU count, %(default)s)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    if not TRITON_INSTALLED:
+        print("error: Triton is not installed, so there is no compiler to check the kernels with (Triton ships "
+              "for Linux: pip install triton)", file=sys.stderr)
+        return 2
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("error: unset TRITON_INTERPRET; the interpreter replaces the GPU compiler", file=sys.stderr)
         return 2

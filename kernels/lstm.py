@@ -31,11 +31,10 @@ import weakref
 from collections.abc import Callable
 
 import torch
-import triton
-import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels import rank1
+from kernels.optional_triton import tl, triton
 from kernels.rank1 import IMPLS, SUPPORTED_DTYPES, mma, resolve_impl
 
 

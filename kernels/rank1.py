@@ -23,9 +23,9 @@ import functools
 import os
 
 import torch
-import triton
-import triton.language as tl
 from torch.autograd.function import once_differentiable
+
+from kernels.optional_triton import TRITON_INSTALLED, tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IMPLS = ("auto", "triton", "eager")
@@ -33,8 +33,8 @@ LINEAR_IMPLS = IMPLS + ("folded",)  # rank1_linear also takes the folded form by
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, Triton installed)."""
+    return TRITON_INSTALLED and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:
@@ -546,10 +546,14 @@ def _validate(x, weight, r, s, bias) -> None:
 def resolve_impl(op: str, impl: str, x: torch.Tensor) -> str:
     """The implementation `op` runs for input `x`: "auto" is "triton" on CUDA tensors or under
     TRITON_INTERPRET=1 and "eager" otherwise (and for float64, which is for references and
-    gradient checks: the kernels do not take it); an explicit "triton" must be able to run."""
-    runnable = x.is_cuda or interpreting()
+    gradient checks: the kernels do not take it, and wherever Triton is not installed); an
+    explicit "triton" must be able to run."""
+    runnable = TRITON_INSTALLED and (x.is_cuda or interpreting())
     if impl == "auto":
         return "triton" if runnable and x.dtype != torch.float64 else "eager"
+    if impl == "triton" and not TRITON_INSTALLED:
+        raise ValueError(f"{op}: impl='triton' needs Triton, which is not installed (it ships for Linux: "
+                         f"pip install triton); use impl='eager'")
     if impl == "triton" and not runnable:
         raise ValueError(f"{op}: impl='triton' needs CUDA tensors or TRITON_INTERPRET=1; use impl='eager' on CPU")
     if impl == "triton" and x.dtype == torch.float64:

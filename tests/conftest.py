@@ -4,7 +4,8 @@
   before triton is first imported, because `triton.jit` reads it when a kernel is decorated.
 - On a machine with CUDA the interpreter stays off, so that tests/test_gpu.py checks the compiled
   kernels; the modules marked `interpreter` (Triton on CPU tensors) are then skipped unless
-  TRITON_INTERPRET=1 is set by hand.
+  TRITON_INTERPRET=1 is set by hand. Without Triton (macOS, Windows: it ships for Linux) they
+  are skipped too.
 - One intra-op thread per process: the suite's tensors are tiny, and the multi-process tests
   start two workers on a 2-core machine, where more threads only oversubscribe the cores.
   Subprocesses inherit both variables.
@@ -23,11 +24,13 @@ if not torch.cuda.is_available():
 
 
 def pytest_collection_modifyitems(config, items):
+    from kernels.optional_triton import TRITON_INSTALLED
     from kernels.rank1 import interpreting
 
     if interpreting():
         return
-    skip = pytest.mark.skip(reason="runs Triton on CPU tensors: set TRITON_INTERPRET=1 (automatic without CUDA)")
+    skip = pytest.mark.skip(reason="runs Triton on CPU tensors: set TRITON_INTERPRET=1 (automatic without CUDA)"
+                            if TRITON_INSTALLED else "runs Triton on CPU tensors, and Triton is not installed")
     for item in items:
         if "interpreter" in item.keywords:
             item.add_marker(skip)

@@ -18,8 +18,10 @@ import pytest
 
 from kernels import compile_check, lstm, rank1
 from kernels.compile_check import MATMUL_KERNELS
+from kernels.optional_triton import TRITON_INSTALLED
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not TRITON_INSTALLED, reason="compiles Triton kernels, and Triton is not installed")
 
 
 def test_every_kernel_and_config_compiles_for_sm90_and_sm80(tmp_path):

@@ -7,6 +7,7 @@ import torch
 
 import kernels
 from kernels import rank1
+from kernels.optional_triton import TRITON_INSTALLED
 from tests.test_rank1 import make_inputs, reference, relative_error
 
 
@@ -73,6 +74,7 @@ def test_float32_dots_follow_torch_tf32_setting_through_either_api():
         matmul.allow_tf32 = saved
 
 
+@pytest.mark.skipif(not TRITON_INSTALLED, reason="without Triton the message names Triton (test_without_triton.py)")
 def test_triton_on_cpu_without_the_interpreter_says_how(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     generator = torch.Generator().manual_seed(12)
