@@ -354,6 +354,18 @@ def _require(ok: bool, key: str, message: str) -> None:
 TRACKERS = tuple(t.value for t in LoggerType if t.value != "all")
 
 
+def check_new_run(cfg: Config) -> None:
+    """Reject settings a new run would silently ignore. Not part of `validate`: runs that an older
+    version let through must still resume and evaluate (their weights never depended on them)."""
+    m = cfg.model
+    if m.family == "lstm":  # keys only the Transformer reads
+        _require(m.dropout == 0, "model.dropout",
+                 f"{m.dropout}: the LSTM has no dropout (the paper trains it unregularised); set model.dropout=0, "
+                 f"or model.family=transformer")
+        _require(not m.layernorm_factors, "model.layernorm_factors",
+                 "the LSTM has no LayerNorm; set model.layernorm_factors=false, or model.family=transformer")
+
+
 def validate(cfg: Config, num_processes: int = 1) -> None:
     """Reject impossible values with a ConfigError naming the key and the fix.
 
@@ -424,12 +436,6 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
                  f"use a multiple of {shards * lp.K} ({num_processes} process(es) x {t.grad_accum} "
                  f"accumulation step(s) x K)")
 
-    if m.family == "lstm":  # keys only the Transformer reads: silently ignored, they would mislead
-        _require(m.dropout == 0, "model.dropout",
-                 f"{m.dropout}: the LSTM has no dropout (the paper trains it unregularised); set model.dropout=0, "
-                 f"or model.family=transformer")
-        _require(not m.layernorm_factors, "model.layernorm_factors",
-                 "the LSTM has no LayerNorm; set model.layernorm_factors=false, or model.family=transformer")
     if m.family == "transformer":
         _require(m.d_model % m.n_heads == 0, "model.n_heads",
                  f"d_model={m.d_model} does not split into n_heads={m.n_heads} heads; pick n_heads dividing d_model")

@@ -41,7 +41,7 @@ from lm.checkpoint import (
     read_checkpoint_state,
     save_checkpoint,
 )
-from lm.config import Config, ConfigError, LatePhaseConfig, config_to_dict, resolve_step, validate
+from lm.config import Config, ConfigError, LatePhaseConfig, check_new_run, config_to_dict, resolve_step, validate
 from lm.accelerator import main_process_first, make_accelerator, raise_everywhere, use_tf32
 from lm.evaluate import evaluate_bpc, token_limit
 from lm.files import replace_directory, writable_directory_problem, write_text_atomically
@@ -115,13 +115,14 @@ def describe_run(cfg: Config, model: nn.Module, data_dir: Path, train_tokens: in
     model_line = f"model: {shape}: {final:,} parameters"
     if not is_plain(model):
         K = num_members(model)
-        factors = sum(p.numel() for p in late_phase_parameters(model)) // K
+        own = sum(p.numel() for p in late_phase_parameters(model)) // K
+        kinds = "rank-1 factors, biases" + (", LayerNorm gains" if m.family == "transformer" and m.layernorm_factors else "")
         if lp.mode == "rank1":
-            model_line += f", trained with {factors:,} rank-1 factor parameters"
+            model_line += f", trained in rank-1 form ({own:,} parameters of {kinds})"
         else:
             T0 = resolve_step(lp.T0, t.max_steps, "late_phase.T0")
-            model_line += (f"; from step {T0:,}, K={K} late-phase members of {factors:,} factor parameters each "
-                           f"({lp.schedule} schedule), averaged at the end")
+            model_line += (f"; from step {T0:,}, K={K} late-phase members of {own:,} parameters each ({kinds}; "
+                           f"{lp.schedule} schedule), averaged at the end")
     train_bytes = (data_dir / "train.bin").stat().st_size
     tokens = (f"{train_bytes:,} training bytes" if cfg.data.tokenizer == "bytes"
               else f"{train_tokens:,} training tokens ({train_bytes:,} bytes)")
@@ -193,6 +194,7 @@ class Trainer:
             # Before the data is prepared: a resume with the wrong config must not download or write anything.
             self._check_resumable(checkpoint, read_checkpoint_state(checkpoint))
         else:
+            check_new_run(cfg)
             checkpoint = None
             if latest_checkpoint(self.out_dir) is not None:
                 raise CheckpointError(f"{self.out_dir} already holds checkpoints: pass --resume to continue that run, "

@@ -8,6 +8,7 @@ from accelerate.utils import LoggerType
 from lm.config import (
     Config,
     ConfigError,
+    check_new_run,
     config_from_dict,
     config_to_dict,
     load_config,
@@ -82,8 +83,6 @@ def test_int_and_fraction_steps_stay_distinct():
         (["train.mixed_precision=fp16", "late_phase.mode=rank1"], "train.mixed_precision"),
         (["train.max_steps"], "train.max_steps"),
         (["data.corpus=synthetic", "data.source=corpus.txt"], "data.source"),  # it would be ignored
-        (["model.dropout=0.1"], "model.dropout"),  # the LSTM (the default family) would ignore these two
-        (["model.layernorm_factors=true"], "model.layernorm_factors"),
     ],
 )
 def test_bad_values_raise_one_line_naming_the_key(overrides, key):
@@ -91,6 +90,16 @@ def test_bad_values_raise_one_line_naming_the_key(overrides, key):
         load_config(None, overrides)
     message = str(info.value)
     assert message.startswith(key) and "\n" not in message
+
+
+@pytest.mark.parametrize("override", ["model.dropout=0.1", "model.layernorm_factors=true"])
+def test_a_new_lstm_run_refuses_what_only_the_transformer_reads(override):
+    key = override.split("=")[0]
+    cfg = load_config(None, [override])  # a saved run with it still loads (to resume or evaluate)
+    with pytest.raises(ConfigError) as info:
+        check_new_run(cfg)
+    assert str(info.value).startswith(f"{key}: ") and "\n" not in str(info.value)
+    check_new_run(load_config(None, ["model.family=transformer", override]))
 
 
 def test_batch_must_split_over_processes_and_members():

@@ -406,6 +406,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
     ("train.batch_size=5", "train.batch_size"),  # 5 streams cannot be split in 2 accumulation steps
     ("train.learning_rate=0.1", "train.learning_rate"),
     ("train.max_steps=many", "train.max_steps"),
+    ("model.dropout=0.1", "model.dropout"),  # the smoke config's LSTM has none
 ])
 def test_bad_config_is_rejected_before_any_work(capsys, tmp_path, data_dir, override, key):
     out = tmp_path / "never"
@@ -625,12 +626,14 @@ def test_the_run_is_described_before_training(capsys, tmp_path, data_dir, mode):
     Trainer(tiny_config(out, data_dir, f"late_phase.mode={mode}", "train.max_steps=8", "swa.enabled=false")).fit()
     # By hand: embedding 256 x 8; LSTM 4·16 x (8 + 16) weights and two 4·16 biases; decoder 16 x 256 + 256.
     # Per member: r and s of both matrices (64 + 8, 64 + 16) and both member biases (64 + 64).
-    late = ("; from step 6, K=3 late-phase members of 280 factor parameters each (sequential schedule), averaged "
-            "at the end" if mode == "late_phase" else ", trained with 280 rank-1 factor parameters")
+    late = ("; from step 6, K=3 late-phase members of 280 parameters each (rank-1 factors, biases; sequential "
+            "schedule), averaged at the end" if mode == "late_phase"
+            else ", trained in rank-1 form (280 parameters of rank-1 factors, biases)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     # 36,000 training bytes (90% of 40,000); 8 steps x 4 x 16 tokens are 0.0142 of an epoch.
     assert capsys.readouterr().out.splitlines()[:2] == [
         f"model: 1 x 16 LSTM, embedding 8: {2048 + 1536 + 128 + 4352:,} parameters" + late,
-        f"data: 36,000 training bytes in {data_dir}; 8 steps of 4 x 16 tokens (0.0142 epochs) on 1 process (cpu), "
+        f"data: 36,000 training bytes in {data_dir}; 8 steps of 4 x 16 tokens (0.0142 epochs) on 1 process ({device}), "
         "mixed precision no",
     ]
 
@@ -805,6 +808,7 @@ def test_without_cuda_the_run_is_on_the_cpu_even_where_accelerate_would_pick_mps
     from lm.accelerator import make_accelerator
 
     monkeypatch.setattr(accelerate.state, "is_mps_available", lambda *args, **kwargs: True)  # an Apple-silicon Mac
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # (which has no CUDA)
     monkeypatch.delenv("PYTORCH_ENABLE_MPS_FALLBACK", raising=False)  # Accelerate sets it when it picks MPS
     assert make_accelerator().device == torch.device("cpu")
 
