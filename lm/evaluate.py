@@ -112,20 +112,23 @@ def evaluate_bpc(
     batch_size = eval_batch_size(family, n_tokens, batch_size, context=context, stride=stride,
                                  min_stream_tokens=min_stream_tokens)
     batches = _eval_batches(data, family, batch_size, seq_len, context, stride, rank, world_size, max_tokens)
-    token_bytes = None if byte_lengths is None else torch.as_tensor(np.asarray(byte_lengths), dtype=torch.int64, device=device)
 
     show = progress is not None and rank == 0
     bar = tqdm(
-        # Bytes, not tokens: bpc is per byte and the CLI reports bytes scored.
-        total=_bytes_to_score(data, max_tokens, byte_lengths) // world_size if show else None,
         desc=progress,
-        unit="B",
+        unit="B",  # bytes, not tokens: bpc is per byte and the CLI reports bytes scored
         unit_scale=True,
         # None: no bar when stderr is not a terminal, where its redraws and final erase would
         # leave lines of carriage returns and spaces in logs.
         disable=None if show else True,
         leave=False,
     )
+    if not bar.disable:
+        # This process's own share, which the others' need not equal: counted from its batches'
+        # targets alone (no model), a small cost beside the pass it measures.
+        own = _eval_batches(data, family, batch_size, seq_len, context, stride, rank, world_size, max_tokens)
+        bar.total = sum(_scored_bytes(batch, byte_lengths) for batch in own)
+        bar.refresh()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, bytes, targets
     was_training = model.training
     model.eval()
@@ -137,17 +140,13 @@ def evaluate_bpc(
             for batch in batches:
                 if batch.reset:
                     state = None
+                batch_bytes = _scored_bytes(batch, byte_lengths)  # on the CPU, before the copy: no device sync
                 inputs, targets, mask = (t.to(device, non_blocking=True) for t in batch[:3])
                 nll, state = _target_nats(model, inputs, targets, state, member)
-                n_scored = mask.sum()
-                batch_bytes = n_scored if token_bytes is None else torch.where(mask, token_bytes[targets], 0).sum()
                 totals[0] += torch.where(mask, nll.double(), 0.0).sum()
                 totals[1] += batch_bytes
-                totals[2] += n_scored
-                if not bar.disable:
-                    # The total is an even share of the split; this process's share may be a little larger.
-                    bar.total = max(bar.total, bar.n + int(batch_bytes))
-                    bar.update(int(batch_bytes))
+                totals[2] += mask.sum()
+                bar.update(batch_bytes)
     finally:
         model.train(was_training)
         bar.close()
@@ -163,12 +162,10 @@ def evaluate_bpc(
     return EvalResult(bpc=bits_per_byte(nats, n_bytes), nats=nats, n_bytes=n_bytes, n_targets=n_targets)
 
 
-def _bytes_to_score(data: np.ndarray, max_tokens: int | None, byte_lengths: np.ndarray | None) -> int:
-    """Bytes that the targets of a whole pass over data[:max_tokens] stand for (the first token is no target)."""
-    n_tokens = len(data) if max_tokens is None else min(len(data), max_tokens)
-    if byte_lengths is None:
-        return count_scored(n_tokens)
-    return int(np.asarray(byte_lengths)[np.asarray(data[1:n_tokens])].sum())
+def _scored_bytes(batch: EvalBatch, byte_lengths: np.ndarray | None) -> int:
+    """Bytes that the scored targets of one evaluation batch stand for."""
+    targets = batch.targets[batch.mask].numpy()
+    return len(targets) if byte_lengths is None else int(np.asarray(byte_lengths)[targets].sum())
 
 
 def _eval_batches(data, family, batch_size, seq_len, context, stride, rank, world_size, max_tokens) -> Iterator[EvalBatch]:

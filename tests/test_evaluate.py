@@ -678,7 +678,7 @@ def test_progress_bar_counts_bytes_and_stays_off_outside_a_terminal(monkeypatch)
             assert stream.getvalue() == ""  # a log or pipe gets no redraws and no erased lines
 
 
-def test_progress_bar_of_a_larger_share_never_passes_its_total(monkeypatch):
+def test_progress_bar_counts_to_this_process_share(monkeypatch):
     import io
     import re
     from functools import partial
@@ -703,4 +703,4 @@ def test_progress_bar_of_a_larger_share_never_passes_its_total(monkeypatch):
     assert share > 100 // 2
     # (unit_scale writes counts under 100 with one decimal, e.g. 16.0/50.0)
     counts = [(float(n), float(total)) for n, total in re.findall(r"([\d.]+)/([\d.]+) \[", stream.getvalue())]
-    assert counts[-1] == (share, share) and all(n <= total for n, total in counts)
+    assert counts[-1] == (share, share) and {total for _, total in counts} == {share}  # its share from the start
