@@ -370,13 +370,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, results: list[Row]) -> int:
     """main() past argument parsing: check, time the grid into `results`, report."""
-    for path in output_paths(args.out):  # before the correctness checks and the timing, not after
-        check_writable(path, "--out", make_parent=True)
     cuda = torch.cuda.is_available()
     if cuda and not TRITON_INSTALLED:
         print("error: Triton is not installed, so there is no fused kernel to time (Triton ships for Linux: "
               "pip install triton)", file=sys.stderr)
         return 2
+    for path in output_paths(args.out):  # before the correctness checks and the timing, not after
+        check_writable(path, "--out", make_parent=True)
     if cuda:
         import triton
 

@@ -205,6 +205,7 @@ def test_bad_member_arguments_give_one_line_errors():
     ModelConfig(family="transformer", vocab_size=256, d_model=16, n_layers=1, n_heads=2, max_seq_len=8),
     ModelConfig(family="lstm", vocab_size=256, embed_dim=8, hidden_size=12, num_layers=1, lstm_members="fused"),
 ], ids=["transformer", "lstm"])
+@pytest.mark.interpreter  # without Triton (or its interpreter) "auto" is eager: nothing to compare
 def test_kernel_path_agrees_with_eager(monkeypatch, cfg):
     # One small pass, forward and backward, through the kernels' default dispatch (Triton,
     # interpreted on CPU): kernels.rank1_linear, and for the LSTM kernels.rank1_lstm.
